@@ -1,0 +1,293 @@
+"""The ``pyro-vae`` command line: train, evaluate, sample.
+
+Every error a user can cause ends with one line on stderr (``pyro-vae: error: …``) and exit
+status 2; no traceback, and no run directory is left behind by a run that could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConfigError, PyroVAEError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+#: Defaults of ``pyro-vae train``; a ``--config`` TOML file and then explicit flags override them.
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "data": "digits", "prior": "normal", "likelihood": "bernoulli", "likelihood_scale": None,
+    "guide": "normal", "encoder": "mlp", "decoder": "mlp", "hidden": "256,256",
+    "latent_dim": 8, "objective": "elbo", "particles": None, "beta": 1.0,
+    "epochs": 200, "batch_size": 128, "lr": 1e-3, "device": "auto", "seed": 0, "out": None,
+    "eval_particles": 1000,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def _hidden(text: str | Sequence[int]) -> tuple[int, ...]:
+    if not isinstance(text, str):
+        parts = list(text)
+    else:
+        parts = [p for p in text.replace(" ", "").split(",") if p]
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"--hidden must be comma-separated positive integers, got {text!r}") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise ConfigError(f"--hidden must be comma-separated positive integers, got {text!r}")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import SPLITS
+    from .guides.posteriors import POSTERIORS
+    from .models.likelihoods import LIKELIHOODS
+    from .models.priors import PRIORS
+    from .networks import NETWORKS
+    from .objectives import OBJECTIVES
+
+    parser = _Parser(prog="pyro-vae", description="Variational autoencoders as Pyro "
+                     "model/guide pairs: train, evaluate and sample.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a VAE (default: the bundled digits)",
+                                description="Train a VAE with SVI and write a run directory.")
+    # None means "not given": the TOML file or TRAIN_DEFAULTS supply the value.
+    train.add_argument("--config", metavar="FILE.toml", help="options as a TOML table; flags win")
+    train.add_argument("--data", metavar="NAME|PATH", help="digits, or a .npy/.csv file")
+    train.add_argument("--prior", choices=sorted(PRIORS))
+    train.add_argument("--likelihood", choices=sorted(LIKELIHOODS))
+    train.add_argument("--likelihood-scale", metavar="S",
+                       help="normal likelihood σ: shared, per-dim, decoder, or a fixed number")
+    train.add_argument("--guide", choices=sorted(POSTERIORS))
+    train.add_argument("--encoder", choices=NETWORKS)
+    train.add_argument("--decoder", choices=NETWORKS)
+    train.add_argument("--hidden", metavar="400,400", help="hidden widths of mlp networks")
+    train.add_argument("--latent-dim", type=_positive_int, metavar="D")
+    train.add_argument("--objective", choices=list(OBJECTIVES))
+    train.add_argument("--particles", type=_positive_int, metavar="K",
+                       help="particles per datapoint (default 1; 5 for iwae)")
+    train.add_argument("--beta", type=_non_negative_float, metavar="B",
+                       help="weight of the latent (KL) terms; 1 is the plain bound")
+    train.add_argument("--epochs", type=_positive_int, metavar="E")
+    train.add_argument("--batch-size", type=_positive_int, metavar="B")
+    train.add_argument("--lr", type=_positive_float, metavar="LR")
+    train.add_argument("--device", metavar="auto|cpu|cuda[:i]")
+    train.add_argument("--seed", type=int, metavar="S")
+    train.add_argument("--out", metavar="DIR", help="run directory (default: runs/<data>-<objective>-<time>)")
+    train.add_argument("--eval-particles", type=_non_negative_int, metavar="K",
+                       help="K for the final test log-likelihood (0 skips it; default 1000)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    evaluate = commands.add_parser("evaluate", help="bounds and log-likelihood of a trained run")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--data", metavar="NAME|PATH", help="default: the run's data")
+    evaluate.add_argument("--split", choices=SPLITS, default="test")
+    evaluate.add_argument("--particles", type=_positive_int, default=1000, metavar="K")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=256, metavar="B")
+    evaluate.add_argument("--seed", type=int, default=0, metavar="S")
+    evaluate.add_argument("--device", default="cpu", metavar="auto|cpu|cuda[:i]")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sample = commands.add_parser("sample", help="decoder means for z drawn from the prior")
+    sample.add_argument("run_dir", metavar="RUN_DIR")
+    sample.add_argument("--n", type=_positive_int, default=64)
+    sample.add_argument("--out", default="samples.png", metavar="FILE",
+                        help="a .png image grid, or .npy / .csv for the raw values")
+    sample.add_argument("--seed", type=int, default=0, metavar="S")
+    return parser
+
+
+def _train_options(args: argparse.Namespace) -> dict[str, Any]:
+    options = dict(TRAIN_DEFAULTS)
+    if args.config:
+        path = Path(args.config).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            table = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in options:
+                raise ConfigError(f"{path}: unknown option {key!r}")
+            options[name] = value
+    for name in options:
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    if options["particles"] is None:
+        options["particles"] = 5 if options["objective"] == "iwae" else 1
+    options["hidden"] = _hidden(options["hidden"])
+    return options
+
+
+def _likelihood_options(options: dict[str, Any]) -> dict[str, Any]:
+    scale = options["likelihood_scale"]
+    if scale is None:
+        return {}
+    if options["likelihood"] != "normal":
+        raise ConfigError("--likelihood-scale applies to --likelihood normal only")
+    return {"scale": scale}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import pyro
+
+    from .data import load_data
+    from .evaluation import evaluate
+    from .training import fit, resolve_device
+    from .vae import VAE
+
+    options = _train_options(args)
+    resolve_device(options["device"])  # before any work: CUDA asked for but absent
+    dataset = load_data(options["data"])
+    pyro.set_rng_seed(int(options["seed"]))
+    vae = VAE(dataset.data_shape, int(options["latent_dim"]), prior=options["prior"],
+              likelihood=options["likelihood"], guide=options["guide"],
+              encoder=options["encoder"], decoder=options["decoder"], hidden=options["hidden"],
+              likelihood_options=_likelihood_options(options))
+    out = options["out"] or (f"runs/{Path(dataset.name).stem}-{options['objective']}-"
+                             f"{time.strftime('%Y%m%d-%H%M%S')}")
+    started = time.perf_counter()
+    result = fit(vae, dataset, options["objective"], particles=int(options["particles"]),
+                 beta=float(options["beta"]), epochs=int(options["epochs"]),
+                 batch_size=int(options["batch_size"]), lr=float(options["lr"]),
+                 seed=int(options["seed"]), device=str(options["device"]), out=out,
+                 progress=not args.quiet)
+    last = result.history[-1]
+    print(f"trained {options['epochs']} epochs in {time.perf_counter() - started:.1f} s; "
+          f"validation ELBO {last['val_elbo']:.3f} nats per datapoint")
+    if options["eval_particles"]:
+        summary = evaluate(vae, dataset, particles=int(options["eval_particles"]),
+                           split="test").summary
+        (result.run_dir / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"test log-likelihood (K={summary['particles']}): {summary['log_likelihood']:.3f} "
+              f"± {summary['log_likelihood_se']:.3f} nats per datapoint; "
+              f"ELBO {summary['elbo']:.3f}; active units {summary['active_units']}"
+              f"/{vae.latent_dim}")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+    from .runs import load_run
+    from .training import check_compatible, resolve_device
+
+    run = load_run(args.run_dir, device=resolve_device(args.device))
+    dataset = run.data(args.data)
+    check_compatible(run.vae, dataset)
+    evaluation = evaluate(run.vae, dataset, particles=args.particles, split=args.split,
+                          batch_size=args.batch_size, seed=args.seed,
+                          progress=not args.json and sys.stderr.isatty())
+    summary = {"run": str(run.path), "data": dataset.name, "split": args.split,
+               **evaluation.summary}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        width = max(len(k) for k in summary)
+        for key, value in summary.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else value
+            print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from . import plots
+    from .runs import load_run
+
+    out = Path(args.out).expanduser()
+    suffix = out.suffix.lower()
+    if suffix not in (".png", ".npy", ".csv"):
+        raise ConfigError(f"--out must end in .png, .npy or .csv, not {out.name!r}")
+    if not out.parent.is_dir():
+        raise ConfigError(f"directory for --out does not exist: {out.parent}")
+    run = load_run(args.run_dir)
+    torch.manual_seed(args.seed)
+    samples = run.vae.sample(args.n)
+    if suffix == ".png":
+        plots.save_grid(samples, run.vae.data_shape, out, nrow=max(1, int(math.sqrt(args.n))))
+    elif suffix == ".npy":
+        np.save(out, samples.cpu().numpy())
+    else:
+        np.savetxt(out, samples.cpu().numpy(), delimiter=",", fmt="%.6g")
+    print(f"wrote {args.n} samples to {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PyroVAEError as exc:
+        print(f"pyro-vae {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

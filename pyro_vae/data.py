@@ -1,0 +1,187 @@
+"""Data sets: the bundled ``digits``, and ``.npy`` / ``.csv`` array files.
+
+Every data set is split once, by a fixed seed that does not depend on the training seed, into
+train / validation / test parts (80 / 10 / 10 %), so that ``evaluate --split test`` of any run
+on the same data sees the same datapoints. Data are flattened to ``[N, prod(data_shape)]``
+float32 tensors and kept on the training device.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+SPLITS = ("train", "val", "test", "all")
+NAMED_DATASETS = ("digits",)
+#: Fractions of a data set held out for validation and test.
+VAL_FRACTION = TEST_FRACTION = 0.1
+#: Seed of the fixed train/val/test permutation (independent of the training seed).
+SPLIT_SEED = 0
+
+
+@dataclass
+class Dataset:
+    """A data set split into train / val / test, with optional integer labels."""
+
+    name: str
+    data_shape: tuple[int, ...]
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    labels: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+    @property
+    def data_dim(self) -> int:
+        return math.prod(self.data_shape)
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.data_shape) == 3
+
+    @property
+    def num_classes(self) -> int | None:
+        train_labels = self.labels.get("train")
+        return None if train_labels is None else int(train_labels.max()) + 1
+
+    def split(self, name: str) -> torch.Tensor:
+        """The datapoints of split ``name`` (``train``, ``val``, ``test`` or ``all``)."""
+        if name == "all":
+            return torch.cat([self.train, self.val, self.test])
+        if name not in SPLITS:
+            raise DataError(f"unknown split {name!r}; choose one of: {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def split_labels(self, name: str) -> torch.Tensor | None:
+        if name == "all":
+            parts = [self.labels.get(s) for s in ("train", "val", "test")]
+            return None if any(p is None for p in parts) else torch.cat(parts)
+        return self.labels.get(name)
+
+    def to(self, device: torch.device | str) -> "Dataset":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Dataset(self.name, self.data_shape, move(self.train), move(self.val),
+                       move(self.test), {k: move(v) for k, v in self.labels.items()})
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    rows: list[list[float]] = []
+    with path.open(newline="") as handle:
+        for line_number, row in enumerate(csv.reader(handle), start=1):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            try:
+                values = [float(cell) for cell in row]
+            except ValueError:
+                if line_number == 1 and not rows:
+                    continue  # a header line
+                bad = next(c for c in row if not _is_number(c))
+                raise DataError(f"{path}: line {line_number} holds a non-number: {bad!r}") from None
+            if rows and len(values) != len(rows[0]):
+                raise DataError(f"{path}: line {line_number} has {len(values)} columns, "
+                                f"expected {len(rows[0])} (ragged CSV)")
+            rows.append(values)
+    if not rows:
+        raise DataError(f"{path}: no data rows")
+    return np.asarray(rows, dtype=np.float32)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_array(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"data path is a directory, expected a .npy or .csv file: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(f"{path}: not a readable .npy array ({exc})") from None
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+            raise DataError(f"{path}: array of dtype {array.dtype} is not numeric")
+        return array
+    raise DataError(f"unsupported data file type {suffix or '(none)'!r} for {path}; "
+                    "use .npy or .csv")
+
+
+def _data_shape(array: np.ndarray, source: str) -> tuple[int, ...]:
+    if array.ndim == 2:
+        return (array.shape[1],)
+    if array.ndim == 3:
+        return (1, array.shape[1], array.shape[2])
+    if array.ndim == 4:
+        return tuple(array.shape[1:])
+    raise DataError(f"{source}: expected an array of shape [N, D], [N, H, W] or [N, C, H, W], "
+                    f"got shape {list(array.shape)}")
+
+
+def check_finite(x: torch.Tensor, source: str) -> None:
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        row = int(bad.any(dim=1).nonzero()[0])
+        raise DataError(f"{source}: data contain NaN or infinite values (first in row {row})")
+
+
+def split_indices(n: int, seed: int = SPLIT_SEED) -> dict[str, torch.Tensor]:
+    """The fixed train/val/test index sets of a data set of size ``n``."""
+    n_val, n_test = max(1, round(n * VAL_FRACTION)), max(1, round(n * TEST_FRACTION))
+    if n - n_val - n_test < 1:
+        raise DataError(f"need at least 3 datapoints to form train/val/test splits, got {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return {"train": order[: n - n_val - n_test], "val": order[n - n_val - n_test: n - n_test],
+            "test": order[n - n_test:]}
+
+
+def from_array(array: np.ndarray | torch.Tensor, name: str = "array",
+               labels: np.ndarray | torch.Tensor | None = None) -> Dataset:
+    """Split an array of datapoints (first axis) into a :class:`Dataset`."""
+    array = np.asarray(array)
+    data_shape = _data_shape(array, name)
+    x = torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32)).reshape(len(array), -1)
+    check_finite(x, name)
+    parts = split_indices(len(x))
+    label_tensor = None if labels is None else torch.as_tensor(np.asarray(labels)).long()
+    return Dataset(
+        name=name, data_shape=data_shape,
+        train=x[parts["train"]], val=x[parts["val"]], test=x[parts["test"]],
+        labels={s: None if label_tensor is None else label_tensor[idx] for s, idx in parts.items()},
+    )
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's 1,797 8×8 handwritten digits, grey levels 0..16 scaled to [0, 1]."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    images = (bunch.images / 16.0).astype(np.float32)[:, None]  # [N, 1, 8, 8]
+    return from_array(images, name="digits", labels=bunch.target)
+
+
+def load_data(spec: str | Path, device: torch.device | str = "cpu") -> Dataset:
+    """Load a named data set (``digits``) or an array file (``.npy`` / ``.csv``)."""
+    spec = str(spec)
+    if spec == "digits":
+        dataset = load_digits()
+    elif spec.endswith((".npy", ".csv", ".NPY", ".CSV")) or "/" in spec or Path(spec).exists():
+        path = Path(spec).expanduser()
+        dataset = from_array(_read_array(path), name=str(path))
+    else:
+        raise DataError(f"unknown data set {spec!r}; use one of: {', '.join(NAMED_DATASETS)}, "
+                        "or a path to a .npy or .csv file")
+    return dataset.to(device)

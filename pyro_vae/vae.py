@@ -1,0 +1,161 @@
+"""The VAE: a prior, a likelihood with its decoder, and a guide family with its encoder,
+composed into one Pyro model/guide pair.
+
+The generative story, as :meth:`VAE.model` tells it::
+
+    for each datapoint n (plate "data"):
+        z_n ~ p(z)                       # the prior
+        x_n ~ p_θ(x | z_n)               # the likelihood at the decoder output f_θ(z_n)
+
+and the amortized guide :meth:`VAE.guide`::
+
+    for each datapoint n (plate "data"):
+        z_n ~ q_φ(z | x_n)               # the guide family at the encoder output g_φ(x_n)
+
+Both are ordinary Pyro programs, so ``Trace_ELBO``, ``TraceMeanField_ELBO``, ``Predictive`` and
+poutine handlers work on them unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Sequence
+
+import pyro
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .models import likelihoods as likelihood_catalogue
+from .models import priors as prior_catalogue
+from .guides import posteriors as posterior_catalogue
+from .networks import make_network
+from .registry import describe, resolve
+
+_instance_ids = itertools.count()
+
+
+class VAE(nn.Module):
+    """A variational autoencoder as a Pyro model/guide pair.
+
+    :param data_shape: shape of one datapoint, e.g. ``64`` or ``(1, 8, 8)``; data are passed to
+        :meth:`model` / :meth:`guide` flattened, as ``[batch, prod(data_shape)]``.
+    :param latent_dim: dimension of z.
+    :param prior: a name from ``pyro_vae.models.priors.PRIORS`` or a prior object.
+    :param likelihood: a name from ``pyro_vae.models.likelihoods.LIKELIHOODS`` or an object.
+    :param guide: a name from ``pyro_vae.guides.posteriors.POSTERIORS`` or an object.
+    :param encoder, decoder: network kinds (``"mlp"`` or ``"linear"``).
+    :param hidden: hidden layer widths of ``mlp`` networks.
+    :param prior_options, likelihood_options, guide_options: keyword arguments for components
+        given by name, e.g. ``likelihood_options={"scale": 0.1}``.
+    """
+
+    def __init__(self, data_shape: int | Sequence[int], latent_dim: int = 8, *,
+                 prior: Any = "normal", likelihood: Any = "bernoulli", guide: Any = "normal",
+                 encoder: str = "mlp", decoder: str = "mlp", hidden: Sequence[int] = (256, 256),
+                 prior_options: dict | None = None, likelihood_options: dict | None = None,
+                 guide_options: dict | None = None):
+        super().__init__()
+        data_shape = (int(data_shape),) if isinstance(data_shape, int) else tuple(map(int, data_shape))
+        if not data_shape or any(size <= 0 for size in data_shape):
+            raise ConfigError(f"data_shape must be positive sizes, not {data_shape}")
+        if not isinstance(latent_dim, int) or latent_dim <= 0:
+            raise ConfigError(f"latent_dim must be a positive integer, not {latent_dim!r}")
+        hidden = tuple(int(h) for h in hidden)
+        if any(h <= 0 for h in hidden):
+            raise ConfigError(f"hidden sizes must be positive, not {hidden}")
+        self.data_shape = data_shape
+        self.data_dim = math.prod(data_shape)
+        self.latent_dim = latent_dim
+        self.hidden = hidden
+        self.encoder_kind, self.decoder_kind = encoder, decoder
+
+        self.prior = resolve("prior", prior_catalogue.PRIORS, prior, prior_options,
+                             prior_catalogue.PROTOCOL)
+        self.likelihood = resolve("likelihood", likelihood_catalogue.LIKELIHOODS, likelihood,
+                                  likelihood_options, likelihood_catalogue.PROTOCOL)
+        self.guide_family = resolve("guide", posterior_catalogue.POSTERIORS, guide, guide_options,
+                                    posterior_catalogue.PROTOCOL)
+        self.prior.setup(latent_dim)
+        self.likelihood.setup(self.data_dim)
+        self.guide_family.setup(latent_dim)
+        self.decoder = make_network(decoder, latent_dim,
+                                    self.likelihood.decoder_outputs(self.data_dim), hidden)
+        self.encoder = make_network(encoder, self.data_dim,
+                                    self.guide_family.encoder_outputs(latent_dim), hidden)
+        # Names under which model/guide register with Pyro's param store; unique per instance
+        # so two VAEs never share (or silently swap) parameters through the global store.
+        self._pyro_name = f"vae{next(_instance_ids)}"
+
+    # -- configuration -----------------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        """Everything :meth:`from_config` needs to rebuild this VAE (JSON-serializable)."""
+        prior, likelihood, guide = (describe(c) for c in
+                                    (self.prior, self.likelihood, self.guide_family))
+        return {
+            "data_shape": list(self.data_shape), "latent_dim": self.latent_dim,
+            "prior": prior["name"], "prior_options": prior["options"],
+            "likelihood": likelihood["name"], "likelihood_options": likelihood["options"],
+            "guide": guide["name"], "guide_options": guide["options"],
+            "encoder": self.encoder_kind, "decoder": self.decoder_kind,
+            "hidden": list(self.hidden),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "VAE":
+        return cls(**config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(itertools.chain(self.parameters(), self.buffers())).device
+
+    # -- the two halves as distributions -------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> pyro.distributions.Distribution:
+        """q_φ(z | x) for a batch ``x`` of shape ``[batch, data_dim]``."""
+        return self.guide_family.distribution(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> pyro.distributions.Distribution:
+        """p_θ(x | z) for latents ``z`` of shape ``[..., latent_dim]``."""
+        return self.likelihood.distribution(self.decoder(z))
+
+    # -- the Pyro programs ---------------------------------------------------------------------
+    def _data_plate(self, x: torch.Tensor, num_data: int | None) -> pyro.plate:
+        batch = x.shape[0]
+        if num_data is None or num_data == batch:
+            return pyro.plate("data", batch, dim=-1)
+        if num_data < batch:
+            raise ConfigError(f"num_data ({num_data}) is smaller than the batch ({batch})")
+        # A minibatch of `batch` from `num_data`: Pyro scales every site in the plate by
+        # num_data / batch, so the loss estimates the whole data set's.
+        return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device), dim=-1)
+
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None,
+              num_data: int | None = None) -> torch.Tensor:
+        """p(z) p_θ(x|z): latent site ``"z"``, observed site ``"x"``, plate ``"data"``."""
+        pyro.module(f"{self._pyro_name}.decoder", self.decoder)
+        pyro.module(f"{self._pyro_name}.prior", self.prior)
+        pyro.module(f"{self._pyro_name}.likelihood", self.likelihood)
+        with self._data_plate(x, num_data):
+            z = pyro.sample("z", self.prior.distribution())
+            return pyro.sample("x", self.decode(z), obs=x)
+
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None,
+              num_data: int | None = None) -> torch.Tensor:
+        """q_φ(z|x): latent site ``"z"`` in plate ``"data"``."""
+        pyro.module(f"{self._pyro_name}.encoder", self.encoder)
+        pyro.module(f"{self._pyro_name}.guide_family", self.guide_family)
+        with self._data_plate(x, num_data):
+            return pyro.sample("z", self.encode(x))
+
+    # -- conveniences --------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """Decoder means E[x | z] for ``n`` draws z ~ p(z): ``[n, data_dim]``."""
+        return self.decode(self.prior.distribution().sample((n,))).mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder means E[x | z = E_q[z|x]]: ``[batch, data_dim]``."""
+        return self.decode(self.encode(x).mean).mean
