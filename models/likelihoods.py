@@ -30,7 +30,7 @@ MIN_SCALE = 1e-3
 
 def _check_unit_interval(x: torch.Tensor, name: str) -> None:
     low, high = float(x.min()), float(x.max())
-    if low < 0.0 or high > 1.0:
+    if not (low >= 0.0 and high <= 1.0):  # written so that NaN fails too
         raise DataError(f"likelihood {name!r} needs data in [0, 1], but the data range from "
                         f"{low:g} to {high:g} (use --likelihood normal for real-valued data)")
 

@@ -30,6 +30,13 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line."""
 
@@ -78,8 +85,10 @@ def _non_negative_float(text: str) -> float:
 
 
 def _hidden(text: str | Sequence[int]) -> tuple[int, ...]:
-    if not isinstance(text, str):
+    if isinstance(text, (list, tuple)):
         parts = list(text)
+    elif not isinstance(text, str):
+        raise ConfigError(f"--hidden must be comma-separated positive integers, got {text!r}")
     else:
         parts = [p for p in text.replace(" ", "").split(",") if p]
     try:
@@ -89,6 +98,16 @@ def _hidden(text: str | Sequence[int]) -> tuple[int, ...]:
     if not sizes or any(s < 1 for s in sizes):
         raise ConfigError(f"--hidden must be comma-separated positive integers, got {text!r}")
     return sizes
+
+
+#: Converters for typed options, applied to values from a --config file (flags are converted
+#: by argparse with the same functions).
+_TRAIN_TYPES = {
+    "latent_dim": _positive_int, "particles": _positive_int, "beta": _non_negative_float,
+    "epochs": _positive_int, "batch_size": _positive_int, "lr": _positive_float,
+    "seed": _integer, "eval_particles": _non_negative_int,
+}
+_FROM_FLAGS = set(_TRAIN_TYPES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, metavar="B")
     train.add_argument("--lr", type=_positive_float, metavar="LR")
     train.add_argument("--device", metavar="auto|cpu|cuda[:i]")
-    train.add_argument("--seed", type=int, metavar="S")
+    train.add_argument("--seed", type=_integer, metavar="S")
     train.add_argument("--out", metavar="DIR", help="run directory (default: runs/<data>-<objective>-<time>)")
     train.add_argument("--eval-particles", type=_non_negative_int, metavar="K",
                        help="K for the final test log-likelihood (0 skips it; default 1000)")
@@ -170,6 +189,18 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
+    for name, convert in _TRAIN_TYPES.items():
+        value = options[name]
+        if value is None or (name in _FROM_FLAGS and getattr(args, name, None) is not None):
+            continue
+        try:
+            options[name] = convert(str(value)) if not isinstance(value, bool) else convert("x")
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"option {name.replace('_', '-')}: {exc}") from None
+    for name in ("data", "prior", "likelihood", "guide", "encoder", "decoder", "objective",
+                 "device", "out"):
+        if options[name] is not None and not isinstance(options[name], str):
+            raise ConfigError(f"option {name}: expected a string, got {options[name]!r}")
     if options["particles"] is None:
         options["particles"] = 5 if options["objective"] == "iwae" else 1
     options["hidden"] = _hidden(options["hidden"])
@@ -260,6 +291,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out must end in .png, .npy or .csv, not {out.name!r}")
     if not out.parent.is_dir():
         raise ConfigError(f"directory for --out does not exist: {out.parent}")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give a file name")
     run = load_run(args.run_dir)
     torch.manual_seed(args.seed)
     samples = run.vae.sample(args.n)

@@ -71,8 +71,15 @@ class Dataset:
 
 
 def _read_csv(path: Path) -> np.ndarray:
+    try:
+        return _parse_csv(path)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text CSV file (it is not UTF-8)") from None
+
+
+def _parse_csv(path: Path) -> np.ndarray:
     rows: list[list[float]] = []
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8") as handle:
         for line_number, row in enumerate(csv.reader(handle), start=1):
             if not row or all(not cell.strip() for cell in row):
                 continue
@@ -113,6 +120,8 @@ def _read_array(path: Path) -> np.ndarray:
             array = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise DataError(f"{path}: not a readable .npy array ({exc})") from None
+        if np.issubdtype(array.dtype, np.complexfloating):
+            raise DataError(f"{path}: array of dtype {array.dtype} is complex; expected real numbers")
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
             raise DataError(f"{path}: array of dtype {array.dtype} is not numeric")
         return array
@@ -135,7 +144,8 @@ def check_finite(x: torch.Tensor, source: str) -> None:
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         row = int(bad.any(dim=1).nonzero()[0])
-        raise DataError(f"{source}: data contain NaN or infinite values (first in row {row})")
+        raise DataError(f"{source}: data contain NaN or infinite values, or values beyond the "
+                        f"float32 range (first in row {row})")
 
 
 def split_indices(n: int, seed: int = SPLIT_SEED) -> dict[str, torch.Tensor]:
@@ -153,7 +163,10 @@ def from_array(array: np.ndarray | torch.Tensor, name: str = "array",
     """Split an array of datapoints (first axis) into a :class:`Dataset`."""
     array = np.asarray(array)
     data_shape = _data_shape(array, name)
-    x = torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32)).reshape(len(array), -1)
+    if len(array) == 0 or math.prod(data_shape) == 0:
+        raise DataError(f"{name}: no datapoints (array of shape {list(array.shape)})")
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow shows up as inf, refused below
+        x = torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32)).reshape(len(array), -1)
     check_finite(x, name)
     parts = split_indices(len(x))
     label_tensor = None if labels is None else torch.as_tensor(np.asarray(labels)).long()

@@ -10,7 +10,6 @@ import matplotlib
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import make_grid, save_image  # noqa: E402
 
 
 def as_images(x: torch.Tensor, data_shape: Sequence[int]) -> torch.Tensor:
@@ -22,6 +21,8 @@ def as_images(x: torch.Tensor, data_shape: Sequence[int]) -> torch.Tensor:
 
 def save_grid(x: torch.Tensor, data_shape: Sequence[int], path: str | Path, nrow: int = 8) -> Path:
     """Save datapoints as an image grid (values clamped to [0, 1], upscaled for small images)."""
+    from torchvision.utils import make_grid, save_image  # torchvision is slow to import
+
     images = as_images(x.detach().float().cpu(), data_shape).clamp(0, 1)
     if images.shape[-1] < 32 and images.shape[-2] > 1:
         factor = max(1, 32 // images.shape[-1])

@@ -116,7 +116,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
         model_config = config["model"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise RunError(f"{config_path} is not a valid run configuration ({exc})") from None
-    vae = VAE.from_config(model_config)
+    if not isinstance(model_config, dict):
+        raise RunError(f"{config_path} is not a valid run configuration "
+                       "(its 'model' section is not a table of options)")
+    try:
+        vae = VAE.from_config(model_config)
+    except (TypeError, PyroVAEError) as exc:
+        raise RunError(f"{config_path} is not a valid run configuration "
+                       f"(cannot rebuild the model: {exc})") from None
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the unpickler's refusals come in many exception types

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from . import plots, runs
+from . import runs
 from .data import Dataset, from_array, load_data
 from .errors import ConfigError, PyroVAEError
 from .evaluation import evaluate
@@ -181,7 +182,9 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
     bar = tqdm(total=config.epochs * steps_per_epoch, disable=not progress, unit="step",
                desc=f"train {config.objective}", dynamic_ncols=True)
     try:
-        with pyro.validation_enabled(False):
+        # A diverging loss is reported once, by the check below, not by Pyro's warning per step.
+        with pyro.validation_enabled(False), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
             for epoch in range(1, config.epochs + 1):
                 epoch_start = time.perf_counter()
                 order = torch.randperm(num_data, generator=order_generator).to(torch_device)
@@ -233,6 +236,8 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
 
 def write_figures(vae, dataset: Dataset, history: list[dict], run_dir: Path) -> None:
     """``reconstructions.png`` (validation data), ``samples.png`` and ``loss.png``."""
+    from . import plots
+
     with torch.random.fork_rng(devices=[vae.device] if vae.device.type == "cuda" else []):
         torch.manual_seed(0)
         plots.save_reconstructions(vae, dataset.val, run_dir / "reconstructions.png")

@@ -1,0 +1,448 @@
+"""Bad input through the command line: one clear line on stderr, no traceback, no run left behind.
+
+The contract (``pyro_vae/cli.py``): every error a user can cause ends with exactly one line on
+stderr (``pyro-vae <command>: error: <message>``, or argparse's one-line usage error), a non-zero
+exit status, no traceback, and no run directory: an ``--out`` that did not exist before does not
+exist afterwards, and one that did exist is left exactly as it was.
+
+Each case below is one invocation of ``pyro_vae.cli.main`` in this process. Python warnings that
+are not deprecations are also counted as stderr output, since the installed ``pyro-vae`` script
+prints them there.
+The file ends with Hypothesis properties of ``from_array`` and of the [0, 1] support check.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from pyro_vae.cli import main
+from pyro_vae.data import from_array
+from pyro_vae.errors import DataError
+from pyro_vae.models.likelihoods import Bernoulli
+
+#: Flags that keep a train invocation fast should a case wrongly start training.
+FAST = ["--epochs", "1", "--quiet", "--eval-particles", "0"]
+#: A small network, for the cases that are meant to reach the first training steps.
+TINY = ["--hidden", "16", "--latent-dim", "2"]
+
+
+# -- running the command line -----------------------------------------------------------------
+
+class Outcome(NamedTuple):
+    code: int
+    stdout: str
+    stderr: str
+    warnings: list[str]
+
+
+def invoke(argv: list[str], capsys) -> Outcome:
+    """``main(argv)`` with its exit code, output and the warnings the real CLI would print."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse usage errors
+            code = exc.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # SystemExit("message") prints the message, exits 1
+        code = 1
+    out, err = capsys.readouterr()
+    shown = [f"{w.category.__name__}: {w.message}" for w in caught
+             if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    return Outcome(code, out, err, shown)
+
+
+def snapshot(path: Path) -> dict[str, bytes] | None:
+    """The files under ``path`` with their contents; None when ``path`` does not exist."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {".": path.read_bytes()}
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else b"<dir>")
+            for p in sorted(path.rglob("*"))}
+
+
+# -- building the inputs ------------------------------------------------------------------------
+
+class Ctx:
+    """What a case builds its command line from: a scratch directory and a trained run."""
+
+    def __init__(self, tmp: Path, request):
+        self.tmp = tmp
+        self._request = request
+        self.used_run = False
+
+    @property
+    def run(self) -> Path:
+        self.used_run = True
+        return self._request.getfixturevalue("trained_run")
+
+    def npy(self, name: str, array) -> str:
+        path = self.tmp / name
+        np.save(path, array)
+        return str(path)
+
+    def text(self, name: str, content: str | bytes) -> str:
+        path = self.tmp / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+        return str(path)
+
+    def copy_run(self, name: str = "copied-run") -> Path:
+        target = self.tmp / name
+        shutil.copytree(self.run, target)
+        return target
+
+
+def train(*flags: str) -> Callable[[Ctx], tuple[list[str], Path]]:
+    """A train case: ``flags`` may hold callables of ``ctx`` that make a file and return its path."""
+    def build(ctx: Ctx) -> tuple[list[str], Path]:
+        out = ctx.tmp / "run"
+        argv = ["train", *(f(ctx) if callable(f) else f for f in flags), "--out", str(out), *FAST]
+        return argv, out
+    return build
+
+
+def data(make: Callable[[Ctx], str]) -> tuple:
+    return ("--data", make)
+
+
+def prepare_existing_out(ctx: Ctx) -> tuple[list[str], Path]:
+    out = ctx.tmp / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me\n")
+    (out / "sub").mkdir()
+    (out / "sub" / "weights.pt").write_bytes(b"not really weights")
+    return ["train", *TINY, "--out", str(out), *FAST], out
+
+
+def out_below_a_file(ctx: Ctx) -> tuple[list[str], Path]:
+    (ctx.tmp / "afile").write_text("a regular file, not a directory\n")
+    out = ctx.tmp / "afile" / "run"
+    return ["train", *TINY, "--out", str(out), *FAST], out
+
+
+def out_is_a_file(ctx: Ctx) -> tuple[list[str], Path]:
+    out = ctx.tmp / "run"
+    out.write_text("a regular file\n")
+    return ["train", *TINY, "--out", str(out), *FAST], out
+
+
+def config_file(content: str, *extra: str) -> Callable[[Ctx], tuple[list[str], Path]]:
+    def build(ctx: Ctx) -> tuple[list[str], Path]:
+        out = ctx.tmp / "run"
+        path = ctx.text("options.toml", content)
+        # Not FAST: a flag would override the option under test. epochs/eval_particles come
+        # from the file instead, so a run that wrongly starts is still short.
+        return ["train", "--config", path, "--out", str(out), "--quiet", *extra], out
+    return build
+
+
+FAST_TOML = "epochs = 1\neval_particles = 0\nhidden = '16'\nlatent_dim = 2\n"
+
+
+def evaluate(*flags: str | Callable[[Ctx], str]) -> Callable[[Ctx], tuple[list[str], None]]:
+    def build(ctx: Ctx) -> tuple[list[str], None]:
+        return ["evaluate", *(f(ctx) if callable(f) else f for f in flags)], None
+    return build
+
+
+def sample(run: str | Callable[[Ctx], str], out_name: str = "samples.png", *flags: str,
+           make_out: Callable[[Path], None] | None = None):
+    def build(ctx: Ctx) -> tuple[list[str], Path]:
+        out = ctx.tmp / out_name
+        if make_out is not None:
+            make_out(out)
+        run_dir = run(ctx) if callable(run) else run
+        return ["sample", run_dir, "--out", str(out), *flags], out
+    return build
+
+
+def run_dir(ctx: Ctx) -> str:
+    return str(ctx.run)
+
+
+def run_with_config(content: str) -> Callable[[Ctx], str]:
+    def make(ctx: Ctx) -> str:
+        copied = ctx.copy_run()
+        (copied / "config.json").write_text(content)
+        return str(copied)
+    return make
+
+
+def run_with_weights(content: bytes) -> Callable[[Ctx], str]:
+    def make(ctx: Ctx) -> str:
+        copied = ctx.copy_run()
+        (copied / "weights.pt").write_bytes(content)
+        return str(copied)
+    return make
+
+
+def empty_dir(ctx: Ctx) -> str:
+    path = ctx.tmp / "not-a-run"
+    path.mkdir()
+    return str(path)
+
+
+rng = np.random.default_rng(0)
+UNIT = rng.random((30, 4)).astype(np.float32)          # valid data in [0, 1]
+with_nan = UNIT.copy(); with_nan[7, 2] = np.nan         # noqa: E702
+with_inf = UNIT.copy(); with_inf[3, 1] = np.inf         # noqa: E702
+out_of_range = UNIT.copy(); out_of_range[5, 0] = 1.5    # noqa: E702
+
+
+
+
+# id, build(ctx) -> (argv, out path or None), expected substring of the error line, marks
+CASES = [
+    # -- train: the data ------------------------------------------------------------------------
+    ("train-missing-data-file", train(*data(lambda c: str(c.tmp / "nope.npy"))), "not found", ()),
+    ("train-data-is-directory",
+     train(*data(lambda c: (c.tmp / "adir").mkdir() or str(c.tmp / "adir"))), "directory", ()),
+    ("train-unsupported-extension-txt", train(*data(lambda c: c.text("x.txt", "0.1,0.2\n"))),
+     "unsupported", ()),
+    ("train-npy-1d", train(*data(lambda c: c.npy("a.npy", np.zeros(10, np.float32)))), "shape", ()),
+    ("train-npy-5d", train(*data(lambda c: c.npy("a.npy", np.zeros((4, 1, 2, 2, 2), np.float32)))),
+     "shape", ()),
+    ("train-npy-nan", train(*data(lambda c: c.npy("a.npy", with_nan))), "NaN", ()),
+    ("train-npy-inf", train(*data(lambda c: c.npy("a.npy", with_inf))), "infinite", ()),
+    ("train-npy-strings", train(*data(lambda c: c.npy("a.npy", np.array(["a", "b"])))),
+     "not numeric", ()),
+    ("train-npy-object-dtype",
+     train(*data(lambda c: c.npy("a.npy", np.array([1, "a"], dtype=object)))), "allow_pickle", ()),
+    ("train-npy-not-an-array", train(*data(lambda c: c.text("a.npy", b"hello, not numpy"))),
+     "not a readable .npy", ()),
+    ("train-npy-too-few-rows", train(*data(lambda c: c.npy("a.npy", UNIT[:2]))), "at least 3", ()),
+    ("train-npy-zero-rows", train(*data(lambda c: c.npy("a.npy", UNIT[:0]))), "datapoints", ()),
+    ("train-npy-complex", train(*data(lambda c: c.npy("a.npy", UNIT.astype(np.complex64) + 1j))),
+     "complex", ()),
+    ("train-npy-overflows-float32", train(*data(lambda c: c.npy("a.npy", np.full((10, 3), 1e39)))),
+     "infinite", ()),
+    ("train-csv-non-numeric-cell",
+     train(*data(lambda c: c.text("a.csv", "0.1,0.2\n0.3,oops\n0.5,0.6\n"))), "non-number", ()),
+    ("train-csv-ragged", train(*data(lambda c: c.text("a.csv", "0.1,0.2\n0.3\n0.5,0.6\n"))),
+     "ragged", ()),
+    ("train-csv-empty", train(*data(lambda c: c.text("a.csv", ""))), "no data rows", ()),
+    ("train-csv-header-only", train(*data(lambda c: c.text("a.csv", "a,b,c\n"))),
+     "no data rows", ()),
+    ("train-csv-not-utf8", train(*data(lambda c: c.text("latin.csv", b"0.5,\xe9\xff\n0.1,0.2\n"))),
+     "latin.csv", ()),
+    ("train-bernoulli-outside-unit-interval",
+     train(*data(lambda c: c.npy("a.npy", out_of_range)), "--likelihood", "bernoulli"),
+     "[0, 1]", ()),
+    ("train-continuous-bernoulli-outside-unit-interval",
+     train(*data(lambda c: c.npy("a.npy", out_of_range)), "--likelihood", "continuous-bernoulli"),
+     "[0, 1]", ()),
+    ("train-unknown-dataset-name", train("--data", "mnistt"), "unknown data set", ()),
+    # -- train: names (argparse choices) --------------------------------------------------------
+    ("train-unknown-prior", train("--prior", "bogus"), "invalid choice", ()),
+    ("train-unknown-likelihood", train("--likelihood", "bogus"), "invalid choice", ()),
+    ("train-unknown-guide", train("--guide", "bogus"), "invalid choice", ()),
+    ("train-unknown-objective", train("--objective", "bogus"), "invalid choice", ()),
+    ("train-unknown-encoder", train("--encoder", "bogus"), "invalid choice", ()),
+    ("train-unknown-decoder", train("--decoder", "bogus"), "invalid choice", ()),
+    ("train-unknown-flag", train("--latent-dims", "4"), "unrecognized arguments", ()),
+    # -- train: numbers -------------------------------------------------------------------------
+    ("train-latent-dim-0", train("--latent-dim", "0"), "positive integer", ()),
+    ("train-latent-dim-negative", train("--latent-dim", "-3"), "positive integer", ()),
+    ("train-particles-0", train("--particles", "0"), "positive integer", ()),
+    ("train-batch-size-0", train("--batch-size", "0"), "positive integer", ()),
+    ("train-lr-0", train("--lr", "0"), "positive number", ()),
+    ("train-lr-negative", train("--lr", "-1"), "positive number", ()),
+    ("train-lr-nan", train("--lr", "nan"), "positive number", ()),
+    ("train-epochs-0", train("--epochs", "0"), "positive integer", ()),
+    ("train-epochs-abc", train("--epochs", "abc"), "positive integer", ()),
+    ("train-beta-negative", train("--beta", "-1"), "non-negative", ()),
+    ("train-seed-abc", train("--seed", "abc"), "expected an integer", ()),
+    ("train-hidden-not-numbers", train("--hidden", "a,b"), "--hidden", ()),
+    ("train-hidden-zero", train("--hidden", "0"), "--hidden", ()),
+    ("train-lr-diverges", train(*TINY, "--lr", "1e30"), "smaller --lr", ()),
+    # -- train: device --------------------------------------------------------------------------
+    ("train-device-cuda-without-gpu", train("--device", "cuda"), "CUDA",
+     (pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here"),)),
+    ("train-device-tpu", train("--device", "tpu"), "tpu", ()),
+    ("train-device-meta", train("--device", "meta"), "meta", ()),
+    # -- train: the config file -----------------------------------------------------------------
+    ("train-config-missing", train("--config", "/nonexistent/dir/options.toml"), "not found", ()),
+    ("train-config-unknown-key", config_file(FAST_TOML + "learning_rate = 0.1\n"),
+     "unknown option", ()),
+    ("train-config-invalid-toml", config_file("epochs = = 1\n[unclosed\n"), "not valid TOML", ()),
+    ("train-config-latent-dim-0", config_file(FAST_TOML.replace("latent_dim = 2", "latent_dim = 0")),
+     "latent-dim", ()),
+    ("train-config-epochs-0", config_file(FAST_TOML.replace("epochs = 1", "epochs = 0")),
+     "epochs", ()),
+    ("train-config-unknown-prior", config_file(FAST_TOML + "prior = 'bogus'\n"),
+     "unknown prior", ()),
+    ("train-config-latent-dim-string",
+     config_file(FAST_TOML.replace("latent_dim = 2", "latent_dim = 'abc'")), "latent",
+     ()),
+    ("train-config-lr-string", config_file(FAST_TOML + "lr = 'fast'\n"), "lr",
+     ()),
+    ("train-config-hidden-integer", config_file(FAST_TOML.replace("hidden = '16'", "hidden = 16")),
+     "hidden", ()),
+    # -- train: likelihood options --------------------------------------------------------------
+    ("train-likelihood-scale-with-bernoulli",
+     train("--likelihood", "bernoulli", "--likelihood-scale", "0.1"), "--likelihood normal", ()),
+    ("train-normal-likelihood-scale-negative",
+     train("--likelihood", "normal", "--likelihood-scale", "-1"), "positive", ()),
+    ("train-normal-likelihood-scale-word",
+     train("--likelihood", "normal", "--likelihood-scale", "wide"), "scale", ()),
+    # -- train: the run directory ---------------------------------------------------------------
+    ("train-out-existing-non-empty-dir", prepare_existing_out, "already holds files", ()),
+    ("train-out-is-a-file", out_is_a_file, "not a directory", ()),
+    ("train-out-below-a-regular-file", out_below_a_file, "cannot write", ()),
+    # -- evaluate -------------------------------------------------------------------------------
+    ("evaluate-missing-run-dir", evaluate(lambda c: str(c.tmp / "no-such-run")), "not found", ()),
+    ("evaluate-not-a-run", evaluate(empty_dir), "not a pyro-vae run", ()),
+    ("evaluate-corrupt-config-json", evaluate(run_with_config("{not json")),
+     "not a valid run configuration", ()),
+    ("evaluate-config-json-list", evaluate(run_with_config("[1, 2]")),
+     "not a valid run configuration", ()),
+    ("evaluate-config-unknown-model-key",
+     evaluate(run_with_config('{"model": {"bogus": 1}, "data": {"name": "digits"}}')),
+     "not a valid run configuration", ()),
+    ("evaluate-config-model-null", evaluate(run_with_config('{"model": null}')),
+     "not a valid run configuration", ()),
+    ("evaluate-corrupt-weights", evaluate(run_with_weights(b"junk")), "cannot be loaded", ()),
+    ("evaluate-particles-0", evaluate(run_dir, "--particles", "0"), "positive integer", ()),
+    ("evaluate-split-bogus", evaluate(run_dir, "--split", "bogus"), "invalid choice", ()),
+    ("evaluate-device-tpu", evaluate(run_dir, "--device", "tpu"), "tpu", ()),
+    ("evaluate-data-wrong-dimension",
+     evaluate(run_dir, "--data", lambda c: c.npy("x5.npy", UNIT[:, :3])), "dimensions", ()),
+    ("evaluate-data-outside-support",
+     evaluate(run_dir, "--data", lambda c: c.npy("x64.npy", np.full((10, 64), 2.0, np.float32))),
+     "[0, 1]", ()),
+    # -- sample ---------------------------------------------------------------------------------
+    ("sample-missing-run-dir", sample(lambda c: str(c.tmp / "no-such-run")), "not found", ()),
+    ("sample-out-txt", sample(run_dir, "samples.txt"), ".png", ()),
+    ("sample-n-0", sample(run_dir, "samples.png", "--n", "0"), "positive integer", ()),
+    ("sample-out-in-missing-dir", sample(run_dir, "nowhere/samples.png"), "does not exist", ()),
+    ("sample-out-is-a-directory",
+     sample(run_dir, "grid.png", make_out=lambda p: p.mkdir()), "directory", ()),
+    ("sample-config-unknown-model-key",
+     sample(run_with_config('{"model": {"bogus": 1}}')), "not a valid run configuration", ()),
+]
+
+
+PARAMS = [pytest.param(build, expected, marks=list(marks), id=case_id)
+          for case_id, build, expected, marks in CASES]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A tiny run on the bundled digits, for the evaluate/sample cases."""
+    path = tmp_path_factory.mktemp("trained") / "run"
+    code = main(["train", "--epochs", "1", "--hidden", "16", "--latent-dim", "2", "--quiet",
+                 "--eval-particles", "0", "--out", str(path)])
+    assert code == 0
+    return path
+
+
+@pytest.mark.parametrize("build, expected", PARAMS)
+def test_bad_input_is_one_line_error(build, expected, tmp_path, request, capsys, monkeypatch):
+    ctx = Ctx(tmp_path, request)
+    argv, out = build(ctx)
+    monkeypatch.chdir(tmp_path)  # a run that wrongly starts without --out lands in tmp_path/runs
+    capsys.readouterr()  # forget the output of building the inputs (the trained_run fixture)
+    before = snapshot(out) if out is not None else None
+    run_before = snapshot(ctx.run) if ctx.used_run else None
+
+    result = invoke(argv, capsys)
+
+    lines = result.stderr.strip().splitlines()
+    assert result.code != 0, f"exit status 0 for bad input; stdout: {result.stdout!r}"
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert expected in lines[0], lines[0]
+    command = argv[0]
+    assert (lines[0].startswith(f"pyro-vae {command}: error: ")
+            or lines[0].startswith("pyro-vae: error: ")), lines[0]
+    assert not result.warnings, f"warnings the CLI would print on stderr: {result.warnings}"
+    if out is not None:
+        assert snapshot(out) == before, f"--out {out} was created or changed"
+    assert not (tmp_path / "runs").exists(), "a default run directory was created"
+    if run_before is not None:
+        assert snapshot(ctx.run) == run_before, "the trained run was modified"
+
+
+# -- positive control -----------------------------------------------------------------------------
+
+def test_valid_tiny_train_writes_a_complete_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    result = invoke(["train", *TINY, "--out", str(out), *FAST], capsys)
+    assert result.code == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    for name in ("config.json", "weights.pt", "metrics.jsonl", "reconstructions.png",
+                 "samples.png", "loss.png"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["latent_dim"] == 2 and config["model"]["hidden"] == [16]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in metrics] == [1]
+    state = torch.load(out / "weights.pt", weights_only=True)
+    assert state and all(torch.is_tensor(v) for v in state.values())
+
+
+# -- properties -----------------------------------------------------------------------------------
+
+finite_float32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=50, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(3, 40), st.integers(1, 6)), elements=finite_float32))
+def test_from_array_splits_are_a_permutation_of_the_rows(array):
+    dataset = from_array(array)
+    parts = [dataset.train, dataset.val, dataset.test]
+    assert all(len(p) >= 1 for p in parts)
+    assert sum(len(p) for p in parts) == len(array)
+    assert dataset.data_shape == (array.shape[1],)
+
+    def sorted_rows(a: np.ndarray) -> np.ndarray:
+        return a[np.lexsort(a.T[::-1])]
+
+    joined = torch.cat(parts).numpy()
+    assert joined.dtype == np.float32
+    np.testing.assert_array_equal(sorted_rows(joined), sorted_rows(array))
+
+
+unit_float32 = st.floats(0.0, 1.0, width=32)
+shapes = st.tuples(st.integers(1, 20), st.integers(1, 6))
+
+
+@settings(max_examples=50, deadline=None)
+@given(arrays(np.float32, shapes, elements=unit_float32))
+def test_bernoulli_support_accepts_the_unit_interval(array):
+    Bernoulli().check_support(torch.from_numpy(array))
+
+
+@settings(max_examples=50, deadline=None)
+@given(arrays(np.float32, shapes, elements=unit_float32), st.data(),
+       st.floats(width=32, allow_nan=False).filter(lambda v: not 0.0 <= v <= 1.0))
+def test_bernoulli_support_refuses_any_value_outside_the_unit_interval(array, draw, bad):
+    row = draw.draw(st.integers(0, array.shape[0] - 1), label="row")
+    col = draw.draw(st.integers(0, array.shape[1] - 1), label="col")
+    array = array.copy()
+    array[row, col] = bad
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        Bernoulli().check_support(torch.from_numpy(array))
+
+
+def test_bernoulli_support_refuses_nan():
+    x = torch.full((4, 3), 0.5)
+    x[2, 1] = float("nan")
+    with pytest.raises(DataError):
+        Bernoulli().check_support(x)

@@ -1,0 +1,120 @@
+"""Training, determinism, restoring runs, and the model/guide pair under plain Pyro."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyro
+import pyro.optim
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
+
+from pyro_vae import VAE, evaluate, fit, load_data, load_run
+from pyro_vae.cli import main
+
+#: Held-out log-likelihood that README.md states for the default `pyro-vae train` (nats per
+#: datapoint, K = 1000, test split), and its standard error over the 180 test datapoints.
+README_TEST_LOG_LIKELIHOOD = -23.244
+README_TEST_LOG_LIKELIHOOD_SE = 0.183
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits")
+
+
+def _small_vae(digits, seed=0):
+    pyro.set_rng_seed(seed)
+    return VAE(digits.data_shape, latent_dim=4, hidden=(64,))
+
+
+def test_training_improves_validation_elbo_clearly(digits):
+    result = fit(_small_vae(digits), digits, "elbo", epochs=8, progress=False, device="cpu")
+    first, last = result.history[0], result.history[-1]
+    se = math.hypot(first["val_elbo_se"], last["val_elbo_se"])
+    assert last["val_elbo"] - first["val_elbo"] > 3 * se, (first, last)
+    assert [row["epoch"] for row in result.history] == list(range(1, 9))
+    assert all(math.isfinite(row["train_loss"]) for row in result.history)
+
+
+@pytest.mark.parametrize("objective,particles", [("elbo", 1), ("meanfield", 1), ("iwae", 5)])
+def test_same_seed_gives_identical_metrics(digits, objective, particles):
+    def run():
+        vae = _small_vae(digits, seed=7)
+        history = fit(vae, digits, objective, particles=particles, epochs=2, seed=7,
+                      progress=False, device="cpu").history
+        return [{k: v for k, v in row.items() if not k.endswith("_s")} for row in history]
+
+    assert run() == run()
+
+
+def test_run_directory_and_load_run_reproduce_evaluation(digits, tmp_path):
+    vae = _small_vae(digits)
+    out = tmp_path / "run"
+    result = fit(vae, digits, "iwae", particles=3, epochs=2, out=out, progress=False, device="cpu")
+    for name in ("config.json", "weights.pt", "metrics.jsonl", "reconstructions.png",
+                 "samples.png", "loss.png"):
+        assert (out / name).is_file(), name
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["objective"] == "iwae" and config["model"]["latent_dim"] == 4
+    state = torch.load(out / "weights.pt", weights_only=True)
+    assert set(state) == set(vae.state_dict())
+
+    run = load_run(out)
+    assert run.history == result.history
+    before = evaluate(vae, digits, particles=20).summary
+    after = evaluate(run.vae, run.data(), particles=20).summary
+    assert before == after
+
+
+def test_model_and_guide_work_with_plain_pyro_svi_and_predictive(digits):
+    pyro.clear_param_store()
+    vae = _small_vae(digits)
+    x = digits.train[:256]
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    losses = [svi.step(x) for _ in range(60)]
+    # Pyro's own SVI found and optimized the parameters (through pyro.module)
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 3 * 64
+    mean_field = TraceMeanField_ELBO().loss(vae.model, vae.guide, x)
+    assert math.isfinite(mean_field)
+    predictive = Predictive(vae.model, guide=vae.guide, num_samples=3, return_sites=("z", "x"))
+    samples = predictive(x[:10])
+    assert samples["z"].shape == (3, 10, 4) and samples["x"].shape == (3, 10, 64)
+
+
+def test_two_vaes_do_not_share_parameters_through_the_param_store(digits):
+    first, second = _small_vae(digits, 0), _small_vae(digits, 1)
+    x = digits.train[:64]
+    first_params = {n: p.detach().clone() for n, p in first.named_parameters()}
+    svi = SVI(second.model, second.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(3):
+        svi.step(x)
+    assert all(torch.equal(p, first_params[n]) for n, p in first.named_parameters())
+    moved = [not torch.equal(p, q) for p, q in zip(second.parameters(), _small_vae(digits, 1).parameters())]
+    assert all(moved)
+
+
+def test_minibatch_plate_scale_makes_the_loss_a_data_set_estimate(digits):
+    vae = _small_vae(digits)
+    x = digits.train[:32]
+    pyro.set_rng_seed(0)
+    scaled = Trace_ELBO().loss(vae.model, vae.guide, x, num_data=320)
+    pyro.set_rng_seed(0)
+    unscaled = Trace_ELBO().loss(vae.model, vae.guide, x)
+    assert scaled == pytest.approx(10 * unscaled, rel=1e-5)
+
+
+def test_default_train_command_reaches_the_readme_log_likelihood(tmp_path, capsys):
+    # The README's first command: `pyro-vae train` with every default.
+    out = tmp_path / "default-run"
+    assert main(["train", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "evaluation.json").read_text())
+    assert summary["particles"] == 1000 and summary["num_datapoints"] == 180
+    margin = 3 * README_TEST_LOG_LIKELIHOOD_SE
+    assert abs(summary["log_likelihood"] - README_TEST_LOG_LIKELIHOOD) <= margin, summary
+    printed = capsys.readouterr().out
+    assert "test log-likelihood" in printed and str(out) in printed
