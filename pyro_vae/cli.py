@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError, PyroVAEError
+from .objectives import DEFAULT_PARTICLES
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -24,7 +25,8 @@ EXIT_INTERRUPTED = 130
 TRAIN_DEFAULTS: dict[str, Any] = {
     "data": "digits", "prior": "normal", "likelihood": "bernoulli", "likelihood_scale": None,
     "guide": "normal", "encoder": "mlp", "decoder": "mlp", "hidden": "256,256",
-    "latent_dim": 8, "objective": "elbo", "particles": None, "beta": 1.0,
+    "latent_dim": 8, "objective": "elbo", "particles": None, "alpha": None, "beta": 1.0,
+    "anneal_steps": 0, "free_bits": 0.0,
     "epochs": 200, "batch_size": 128, "lr": 1e-3, "device": "auto", "seed": 0, "out": None,
     "eval_particles": 1000,
 }
@@ -84,6 +86,16 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _hidden(text: str | Sequence[int]) -> tuple[int, ...]:
     if isinstance(text, (list, tuple)):
         parts = list(text)
@@ -104,6 +116,7 @@ def _hidden(text: str | Sequence[int]) -> tuple[int, ...]:
 #: by argparse with the same functions).
 _TRAIN_TYPES = {
     "latent_dim": _positive_int, "particles": _positive_int, "beta": _non_negative_float,
+    "alpha": _finite_float, "anneal_steps": _non_negative_int, "free_bits": _non_negative_float,
     "epochs": _positive_int, "batch_size": _positive_int, "lr": _positive_float,
     "seed": _integer, "eval_particles": _non_negative_int,
 }
@@ -122,30 +135,40 @@ def build_parser() -> argparse.ArgumentParser:
                      "model/guide pairs: train, evaluate and sample.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    def add_model_arguments(command: argparse.ArgumentParser) -> None:
+        # None means "not given": the TOML file or TRAIN_DEFAULTS supply the value.
+        command.add_argument("--config", metavar="FILE.toml",
+                             help="options as a TOML table; flags win")
+        command.add_argument("--data", metavar="NAME|PATH", help="digits, or a .npy/.csv file")
+        command.add_argument("--prior", choices=sorted(PRIORS))
+        command.add_argument("--likelihood", choices=sorted(LIKELIHOODS))
+        command.add_argument("--likelihood-scale", metavar="S",
+                             help="normal likelihood σ: shared, per-dim, decoder, or a number")
+        command.add_argument("--guide", choices=sorted(POSTERIORS))
+        command.add_argument("--encoder", choices=NETWORKS)
+        command.add_argument("--decoder", choices=NETWORKS)
+        command.add_argument("--hidden", metavar="400,400", help="hidden widths of mlp networks")
+        command.add_argument("--latent-dim", type=_positive_int, metavar="D")
+        command.add_argument("--seed", type=_integer, metavar="S")
+        command.add_argument("--device", metavar="auto|cpu|cuda[:i]")
+
     train = commands.add_parser("train", help="train a VAE (default: the bundled digits)",
                                 description="Train a VAE with SVI and write a run directory.")
-    # None means "not given": the TOML file or TRAIN_DEFAULTS supply the value.
-    train.add_argument("--config", metavar="FILE.toml", help="options as a TOML table; flags win")
-    train.add_argument("--data", metavar="NAME|PATH", help="digits, or a .npy/.csv file")
-    train.add_argument("--prior", choices=sorted(PRIORS))
-    train.add_argument("--likelihood", choices=sorted(LIKELIHOODS))
-    train.add_argument("--likelihood-scale", metavar="S",
-                       help="normal likelihood σ: shared, per-dim, decoder, or a fixed number")
-    train.add_argument("--guide", choices=sorted(POSTERIORS))
-    train.add_argument("--encoder", choices=NETWORKS)
-    train.add_argument("--decoder", choices=NETWORKS)
-    train.add_argument("--hidden", metavar="400,400", help="hidden widths of mlp networks")
-    train.add_argument("--latent-dim", type=_positive_int, metavar="D")
+    add_model_arguments(train)
     train.add_argument("--objective", choices=list(OBJECTIVES))
     train.add_argument("--particles", type=_positive_int, metavar="K",
-                       help="particles per datapoint (default 1; 5 for iwae)")
+                       help="particles per datapoint (default 1; 5 for iwae, renyi, dreg)")
+    train.add_argument("--alpha", type=_finite_float, metavar="A",
+                       help="Rényi α for --objective renyi (default 0.5; 0 is IWAE)")
     train.add_argument("--beta", type=_non_negative_float, metavar="B",
                        help="weight of the latent (KL) terms; 1 is the plain bound")
+    train.add_argument("--anneal-steps", type=_non_negative_int, metavar="N",
+                       help="raise β linearly from 0 over the first N steps (KL warm-up)")
+    train.add_argument("--free-bits", type=_non_negative_float, metavar="F",
+                       help="KL floor in nats per latent dimension (elbo, meanfield)")
     train.add_argument("--epochs", type=_positive_int, metavar="E")
     train.add_argument("--batch-size", type=_positive_int, metavar="B")
     train.add_argument("--lr", type=_positive_float, metavar="LR")
-    train.add_argument("--device", metavar="auto|cpu|cuda[:i]")
-    train.add_argument("--seed", type=_integer, metavar="S")
     train.add_argument("--out", metavar="DIR", help="run directory (default: runs/<data>-<objective>-<time>)")
     train.add_argument("--eval-particles", type=_non_negative_int, metavar="K",
                        help="K for the final test log-likelihood (0 skips it; default 1000)")
@@ -160,6 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, metavar="S")
     evaluate.add_argument("--device", default="cpu", metavar="auto|cpu|cuda[:i]")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    compare = commands.add_parser(
+        "compare-estimators", help="bound, gradient SNR/variance and speed of ELBO estimators",
+        description="Compare objectives × particles on one model state: a trained RUN_DIR, "
+                    "or a fresh model built from the same flags as train.")
+    compare.add_argument("run_dir", metavar="RUN_DIR", nargs="?")
+    add_model_arguments(compare)
+    compare.add_argument("--objectives", default="elbo,iwae,dreg", metavar="O1,O2",
+                         help="comma-separated objective names (default elbo,iwae,dreg)")
+    compare.add_argument("--particles", default="1,5,50", metavar="K1,K2",
+                         help="comma-separated K values (default 1,5,50)")
+    compare.add_argument("--alpha", type=_finite_float, metavar="A", help="Rényi α (renyi)")
+    compare.add_argument("--repeats", type=_positive_int, default=100, metavar="R",
+                         help="gradient draws per objective × K (default 100)")
+    compare.add_argument("--batch-size", type=_positive_int, default=64, metavar="B",
+                         help="datapoints in the fixed comparison batch (default 64)")
+    compare.add_argument("--split", choices=SPLITS, default="val")
+    compare.add_argument("--pretrain-epochs", type=_non_negative_int, default=0, metavar="E",
+                         help="train a fresh model with elbo for E epochs first (default 0)")
+    compare.add_argument("--json", action="store_true", help="print a JSON list of rows")
+    compare.add_argument("--plot", metavar="FILE.png", help="write bound and SNR against K")
 
     sample = commands.add_parser("sample", help="decoder means for z drawn from the prior")
     sample.add_argument("run_dir", metavar="RUN_DIR")
@@ -201,8 +245,8 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
                  "device", "out"):
         if options[name] is not None and not isinstance(options[name], str):
             raise ConfigError(f"option {name}: expected a string, got {options[name]!r}")
-    if options["particles"] is None:
-        options["particles"] = 5 if options["objective"] == "iwae" else 1
+    if options["particles"] is None and options["objective"] in DEFAULT_PARTICLES:
+        options["particles"] = DEFAULT_PARTICLES[options["objective"]]
     options["hidden"] = _hidden(options["hidden"])
     return options
 
@@ -216,15 +260,14 @@ def _likelihood_options(options: dict[str, Any]) -> dict[str, Any]:
     return {"scale": scale}
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _build(options: dict[str, Any]):
+    """The data set and a freshly initialised VAE (seeded) described by ``options``."""
     import pyro
 
     from .data import load_data
-    from .evaluation import evaluate
-    from .training import fit, resolve_device
+    from .training import resolve_device
     from .vae import VAE
 
-    options = _train_options(args)
     resolve_device(options["device"])  # before any work: CUDA asked for but absent
     dataset = load_data(options["data"])
     pyro.set_rng_seed(int(options["seed"]))
@@ -232,11 +275,22 @@ def cmd_train(args: argparse.Namespace) -> int:
               likelihood=options["likelihood"], guide=options["guide"],
               encoder=options["encoder"], decoder=options["decoder"], hidden=options["hidden"],
               likelihood_options=_likelihood_options(options))
+    return dataset, vae
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+    from .training import fit
+
+    options = _train_options(args)
+    dataset, vae = _build(options)
     out = options["out"] or (f"runs/{Path(dataset.name).stem}-{options['objective']}-"
                              f"{time.strftime('%Y%m%d-%H%M%S')}")
     started = time.perf_counter()
     result = fit(vae, dataset, options["objective"], particles=int(options["particles"]),
-                 beta=float(options["beta"]), epochs=int(options["epochs"]),
+                 beta=float(options["beta"]), alpha=options["alpha"],
+                 anneal_steps=int(options["anneal_steps"]), free_bits=float(options["free_bits"]),
+                 epochs=int(options["epochs"]),
                  batch_size=int(options["batch_size"]), lr=float(options["lr"]),
                  seed=int(options["seed"]), device=str(options["device"]), out=out,
                  progress=not args.quiet)
@@ -278,6 +332,77 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str, flag: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise ConfigError(f"{flag} needs at least one value")
+    return names
+
+
+def cmd_compare_estimators(args: argparse.Namespace) -> int:
+    from .estimators import compare_estimators, comparison_figure, format_table
+    from .objectives import OBJECTIVES
+    from .runs import load_run
+    from .training import check_compatible, fit, resolve_device
+
+    objectives = _names(args.objectives, "--objectives")
+    for name in objectives:
+        if name not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {name!r} in --objectives; choose from: "
+                              f"{', '.join(OBJECTIVES)}")
+    try:
+        particles = [int(k) for k in _names(args.particles, "--particles")]
+    except ValueError:
+        raise ConfigError(f"--particles must be comma-separated positive integers, "
+                          f"got {args.particles!r}") from None
+    if any(k < 1 for k in particles):
+        raise ConfigError(f"--particles must be positive, got {args.particles!r}")
+    plot = Path(args.plot).expanduser() if args.plot else None
+    if plot is not None and (plot.suffix.lower() != ".png" or not plot.parent.is_dir()):
+        raise ConfigError(f"--plot must be a .png file in an existing directory, not {args.plot!r}")
+    if args.run_dir:
+        given = [flag for flag in ("config", "prior", "likelihood", "likelihood_scale", "guide",
+                                   "encoder", "decoder", "hidden", "latent_dim")
+                 if getattr(args, flag) is not None]
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} describes a fresh model; a "
+                              "RUN_DIR brings its own")
+        run = load_run(args.run_dir, device=resolve_device(args.device or "cpu"))
+        vae, dataset = run.vae, run.data(args.data)
+        check_compatible(vae, dataset)
+        seed = 0 if args.seed is None else args.seed
+    else:
+        options = _train_options(args)
+        dataset, vae = _build(options)
+        seed = int(options["seed"])
+        check_compatible(vae, dataset)
+        vae.to(resolve_device(options["device"]))
+        if args.pretrain_epochs:
+            fit(vae, dataset, "elbo", epochs=args.pretrain_epochs, seed=seed,
+                device=str(vae.device), progress=not args.json)
+    x = dataset.split(args.split)[: args.batch_size]
+    if x.shape[0] < 2:
+        raise ConfigError(f"split {args.split!r} has fewer than 2 datapoints")
+    rows = compare_estimators(vae, x, objectives, particles, repeats=args.repeats,
+                              alpha=args.alpha, seed=seed,
+                              progress=not args.json and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(f"{len(x)} datapoints of {dataset.name} ({args.split}); {args.repeats} gradient "
+              "draws each; bound in nats per datapoint")
+        print(format_table(rows))
+    if plot is not None:
+        import matplotlib.pyplot as plt
+
+        figure = comparison_figure(rows)
+        figure.savefig(plot, dpi=100)
+        plt.close(figure)
+        if not args.json:
+            print(f"plot: {plot}")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -306,7 +431,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
+            "compare-estimators": cmd_compare_estimators}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

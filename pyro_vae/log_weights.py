@@ -15,8 +15,10 @@ Objectives (:mod:`pyro_vae.objectives`), the evaluator and the diagnostics all s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import pyro
 import pyro.poutine as poutine
@@ -27,25 +29,42 @@ from .errors import ConfigError
 
 
 @dataclass
+class LatentSite:
+    """One latent site: its value and the distributions that scored it."""
+
+    value: torch.Tensor
+    prior: torch.distributions.Distribution   # the model's distribution at the site
+    guide: torch.distributions.Distribution   # the guide's distribution at the site
+
+
+@dataclass
 class LogWeights:
     """Per-datapoint log-density terms of K particles, each of shape ``[particles, batch]``.
 
     ``log_likelihood``: log p_θ(x | z) (observed sites);
     ``log_prior``: log p(z) (latent sites of the model);
-    ``log_guide``: log q_φ(z | x) (sites of the guide);
-    ``latents``: the sampled values of the latent site ``"z"``, ``[particles, batch, latent_dim]``;
+    ``log_guide``: log q_φ(z | x) (sites of the guide; with ``stop_guide_gradient`` its
+    parameters are detached and only the path through z carries gradient);
+    ``sites``: the latent sites by name (value ``[particles, batch, ...]`` and distributions),
+    for objectives that need more than the sums (analytic KL, per-dimension KL);
     ``scale``: num_data / batch, the factor that turns a minibatch sum into a data-set estimate.
     """
 
     log_likelihood: torch.Tensor
     log_prior: torch.Tensor
     log_guide: torch.Tensor
-    latents: torch.Tensor | None
     scale: float
+    sites: dict[str, LatentSite] = field(default_factory=dict)
 
     @property
     def particles(self) -> int:
         return self.log_likelihood.shape[0]
+
+    @property
+    def latents(self) -> torch.Tensor | None:
+        """The values of the latent site ``"z"``, ``[particles, batch, latent_dim]``."""
+        site = self.sites.get("z")
+        return None if site is None else site.value
 
     def total(self, beta: float = 1.0) -> torch.Tensor:
         """log w = log p(x|z) + β (log p(z) − log q(z|x)); β = 1 is the usual importance weight."""
@@ -64,12 +83,34 @@ def _site_log_prob(site: dict) -> torch.Tensor:
     return log_prob
 
 
-def log_weights(model: Callable, guide: Callable, *args, particles: int = 1, **kwargs) -> LogWeights:
+@contextmanager
+def _parameters_detached(module: torch.nn.Module) -> Iterator[None]:
+    """Within the block, every parameter of ``module`` reads as a detached tensor."""
+    saved = []
+    for owner in module.modules():
+        for name, parameter in owner._parameters.items():
+            if parameter is not None:
+                saved.append((owner, name, parameter))
+    try:
+        for owner, name, parameter in saved:
+            owner._parameters[name] = parameter.detach()
+        yield
+    finally:
+        for owner, name, parameter in saved:
+            owner._parameters[name] = parameter
+
+
+def log_weights(model: Callable, guide: Callable, *args, particles: int = 1,
+                stop_guide_gradient: bool = False, **kwargs) -> LogWeights:
     """Trace ``guide`` and replay ``model`` against it with ``particles`` vectorized particles.
 
     Both programs must place every sample site inside the plate ``"data"`` (dim −1), as
     :class:`pyro_vae.VAE` does; the particle plate takes dim −2. The result is differentiable
     with respect to both programs' parameters through reparameterized samples.
+
+    With ``stop_guide_gradient`` the guide is scored a second time at the same z with its
+    parameters detached, so log q(z|x) keeps only the gradient through z(φ, ε): the "path"
+    gradient used by STL and DReG. The guide must then be a method of an ``nn.Module``.
 
     .. warning:: Gradients are pathwise: guide sites must be reparameterizable
        (``has_rsample``); non-reparameterized guide sites are refused.
@@ -79,6 +120,17 @@ def log_weights(model: Callable, guide: Callable, *args, particles: int = 1, **k
     with pyro.plate("particles", particles, dim=-2):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        scored_trace = guide_trace
+        if stop_guide_gradient:
+            owner = getattr(guide, "__self__", None)
+            if not isinstance(owner, torch.nn.Module):
+                raise ConfigError("a stopped guide gradient (stl, dreg) needs the guide to be a "
+                                  "method of an nn.Module, such as VAE.guide")
+            with _parameters_detached(owner), warnings.catch_warnings():
+                # pyro.module notes that detached tensors are not registered: intended here
+                warnings.filterwarnings("ignore", message=".*not registered in the param store")
+                scored_trace = poutine.trace(poutine.replay(guide, trace=guide_trace)).get_trace(
+                    *args, **kwargs)
 
     shape = None
     log_likelihood = log_prior = log_guide = 0.0
@@ -93,22 +145,24 @@ def log_weights(model: Callable, guide: Callable, *args, particles: int = 1, **k
         else:
             log_prior = log_prior + term
         shape = term.shape if shape is None else torch.broadcast_shapes(shape, term.shape)
-    for name, site in guide_trace.nodes.items():
+    sites = {}
+    for name, site in scored_trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
             continue
         if not site["fn"].has_rsample:
             raise ConfigError(f"guide site {name!r} is not reparameterizable; "
                               "these bounds need pathwise gradients")
         log_guide = log_guide + _site_log_prob(site)
+        if name in model_trace.nodes:
+            sites[name] = LatentSite(site["value"], model_trace.nodes[name]["fn"], site["fn"])
     if shape is None or len(shape) != 2:
         raise ConfigError("log_weights needs sample sites inside the plate 'data' "
                           f"(got log-density shape {tuple(shape) if shape else None})")
     shape = (particles, shape[-1])
-    latents = guide_trace.nodes["z"]["value"] if "z" in guide_trace.nodes else None
 
     def full(term):
         if torch.is_tensor(term):
             return term.expand(shape)
         return torch.zeros(shape, device=log_likelihood.device)
 
-    return LogWeights(full(log_likelihood), full(log_prior), full(log_guide), latents, scale)
+    return LogWeights(full(log_likelihood), full(log_prior), full(log_guide), scale, sites)

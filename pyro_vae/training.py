@@ -28,7 +28,7 @@ from . import runs
 from .data import Dataset, from_array, load_data
 from .errors import ConfigError, PyroVAEError
 from .evaluation import evaluate
-from .objectives import OBJECTIVES, make_objective
+from .objectives import DEFAULT_PARTICLES, OBJECTIVES, make_objective
 
 
 class TrainingError(PyroVAEError):
@@ -42,6 +42,9 @@ class TrainConfig:
     objective: str = "elbo"
     particles: int = 1
     beta: float = 1.0
+    alpha: float | None = None
+    anneal_steps: int = 0
+    free_bits: float = 0.0
     epochs: int = 100
     batch_size: int = 128
     lr: float = 1e-3
@@ -54,6 +57,8 @@ class TrainConfig:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {self.objective!r}; choose one of: "
                               f"{', '.join(OBJECTIVES)}")
+        if not isinstance(self.anneal_steps, int) or self.anneal_steps < 0:
+            raise ConfigError(f"anneal-steps must be a non-negative integer, not {self.anneal_steps!r}")
         for name in ("particles", "epochs", "batch_size", "log_every", "val_particles"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -117,11 +122,17 @@ def check_compatible(vae, dataset: Dataset) -> None:
 
 
 def fit(vae, data: Dataset | str | Path | torch.Tensor, objective: str = "elbo", *,
-        particles: int = 1, beta: float = 1.0, epochs: int = 100, batch_size: int = 128,
+        particles: int | None = None, beta: float = 1.0, alpha: float | None = None,
+        anneal_steps: int = 0, free_bits: float = 0.0, epochs: int = 100, batch_size: int = 128,
         lr: float = 1e-3, seed: int = 0, device: str = "auto", out: str | Path | None = None,
         log_every: int = 10, val_particles: int = 1, progress: bool = True,
         extra_config: dict | None = None) -> FitResult:
     """Train ``vae`` on ``data`` with ``objective`` (a name from the contract).
+
+    ``particles`` defaults to 1 for ``elbo``/``meanfield``/``stl`` and 5 for the importance-
+    weighted objectives; ``alpha`` is the Rényi α; ``anneal_steps`` > 0 raises β linearly from 0
+    to ``beta`` over that many steps (KL warm-up); ``free_bits`` is λ in nats per latent
+    dimension (Kingma et al. 2016).
 
     Every epoch records the training loss per datapoint (the negative bound being optimized),
     the validation ELBO per datapoint and the wall-clock time; with ``out`` the run directory
@@ -130,12 +141,19 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor, objective: str = "elbo",
 
     All input is checked before the run directory is created.
     """
-    config = TrainConfig(objective=objective, particles=particles, beta=beta, epochs=epochs,
+    if objective in OBJECTIVES and particles is None:
+        particles = DEFAULT_PARTICLES[objective]
+    config = TrainConfig(objective=objective, particles=particles, beta=beta, alpha=alpha,
+                         anneal_steps=anneal_steps, free_bits=free_bits, epochs=epochs,
                          batch_size=batch_size, lr=lr, seed=seed, device=str(device),
                          log_every=log_every, val_particles=val_particles).validate()
     dataset = as_dataset(data)
     check_compatible(vae, dataset)
-    loss_fn = make_objective(config.objective, config.particles, config.beta)
+    loss_fn = make_objective(config.objective, config.particles, config.beta,
+                             free_bits=config.free_bits, alpha=config.alpha)
+    if config.anneal_steps and config.objective == "dreg":
+        raise ConfigError("objective 'dreg' cannot anneal β (its gradient identity needs β = 1); "
+                          "drop --anneal-steps or use 'iwae'")
     torch_device = resolve_device(config.device)
     full_config = {
         "model": vae.config,
@@ -191,6 +209,8 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                 loss_sum = torch.zeros((), device=torch_device)
                 for start in range(0, num_data, config.batch_size):
                     x = train[order[start:start + config.batch_size]]
+                    if config.anneal_steps:
+                        loss_fn.beta = config.beta * min(1.0, step / config.anneal_steps)
                     if step == 0:
                         # Validate the very first step (arguments, supports, shapes), then run fast.
                         with pyro.validation_enabled(True):
@@ -221,7 +241,7 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                     raise TrainingError(f"the loss became {train_loss} in epoch {epoch}; "
                                         "try a smaller --lr")
                 val = evaluate(vae, dataset.val, particles=config.val_particles, seed=epoch)
-                row = {"epoch": epoch, "step": step, "train_loss": train_loss,
+                row = {"epoch": epoch, "step": step, "train_loss": train_loss, "beta": loss_fn.beta,
                        "val_elbo": val.summary["elbo"], "val_elbo_se": val.summary["elbo_se"],
                        "epoch_time_s": time.perf_counter() - epoch_start,
                        "elapsed_s": time.perf_counter() - started}

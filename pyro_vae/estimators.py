@@ -1,0 +1,163 @@
+"""Side-by-side comparison of ELBO estimators on one model state.
+
+For each objective × K, on a fixed minibatch of data:
+
+- ``bound`` ± ``bound_se``: the objective's per-datapoint bound (nats per datapoint), mean and
+  standard error over datapoints;
+- per parameter group (``encoder``: the guide's parameters; ``decoder``: the model's), over R
+  independent gradient draws g_1..g_R of the loss (per datapoint):
+  ``grad_var`` = mean over parameter elements of Var_r(g_r), and
+  ``snr`` = mean over elements of |mean_r(g_r)| / std_r(g_r) (Rainforth et al. 2018);
+- ``ms_per_step``: median wall-clock time of one loss + backward pass.
+
+Rainforth et al. (2018) predict, for ``iwae``, an encoder SNR falling like 1/√K and a decoder
+SNR rising like √K; ``dreg`` (Tucker et al. 2019) keeps the encoder SNR from falling.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Iterable, Sequence
+
+import pyro
+import torch
+
+from .errors import ConfigError
+from .objectives import OBJECTIVES, make_objective
+
+ROW_KEYS = ("objective", "particles", "bound", "bound_se", "encoder_snr", "decoder_snr",
+            "encoder_grad_var", "decoder_grad_var", "ms_per_step")
+
+
+def parameter_groups(vae) -> dict[str, list[torch.nn.Parameter]]:
+    """``encoder``: q_φ's parameters (encoder network, guide family); ``decoder``: p_θ's."""
+    encoder = [*vae.encoder.parameters(), *vae.guide_family.parameters()]
+    encoder_ids = {id(p) for p in encoder}
+    decoder = [p for p in vae.parameters() if id(p) not in encoder_ids]
+    return {"encoder": encoder, "decoder": decoder}
+
+
+def _snr_and_variance(draws: torch.Tensor) -> tuple[float, float]:
+    """``draws``: [R, P] gradient draws; mean per-element SNR and variance."""
+    mean = draws.mean(0)
+    std = draws.std(0, unbiased=True)
+    varying = std > 0
+    if not bool(varying.any()):
+        return float("nan"), 0.0
+    snr = (mean[varying].abs() / std[varying]).mean()
+    return float(snr), float(std.pow(2).mean())
+
+
+def gradient_draws(vae, objective, x: torch.Tensor, repeats: int) -> dict[str, torch.Tensor]:
+    """R gradients of the per-datapoint loss on ``x``: ``{group: [R, P_group]}``."""
+    groups = parameter_groups(vae)
+    draws = {name: [] for name in groups}
+    loss_module = objective(vae.model, vae.guide)
+    for _ in range(repeats):
+        vae.zero_grad(set_to_none=True)
+        (loss_module(x) / x.shape[0]).backward()
+        for name, params in groups.items():
+            draws[name].append(torch.cat([
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                for p in params]) if params else torch.zeros(0))
+    vae.zero_grad(set_to_none=True)
+    return {name: torch.stack(rows) for name, rows in draws.items()}
+
+
+def compare_estimators(vae, x: torch.Tensor, objectives: Sequence[str] = ("elbo", "iwae", "dreg"),
+                       particles: Sequence[int] = (1, 5, 50), repeats: int = 100,
+                       timing_repeats: int = 20, alpha: float | None = None, seed: int = 0,
+                       progress: bool = False) -> list[dict]:
+    """Compare ``objectives`` × ``particles`` on the minibatch ``x`` (``[batch, data_dim]``).
+
+    Returns one row per pair with the keys of :data:`ROW_KEYS`. The model is not changed.
+    """
+    for name in objectives:
+        if name not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {name!r}; choose from: {', '.join(OBJECTIVES)}")
+    for k in particles:
+        if not isinstance(k, int) or k < 1:
+            raise ConfigError(f"particles must be positive integers, not {k!r}")
+    if repeats < 2:
+        raise ConfigError(f"repeats must be at least 2 to estimate a variance, not {repeats}")
+    if x.ndim != 2 or x.shape[1] != vae.data_dim or x.shape[0] < 2:
+        raise ConfigError(f"need a batch of at least 2 datapoints of dimension {vae.data_dim}")
+    x = x.to(vae.device)
+    pairs = [(name, k) for name in objectives for k in particles]
+    rows = []
+    from tqdm.auto import tqdm
+
+    with pyro.validation_enabled(False):
+        for name, k in tqdm(pairs, desc="compare estimators", disable=not progress):
+            objective = make_objective(name, k, alpha=alpha if name == "renyi" else None)
+            pyro.set_rng_seed(seed)
+            with torch.no_grad():
+                bound, _ = objective.per_datapoint_bound(vae.model, vae.guide, x)
+            draws = gradient_draws(vae, objective, x, repeats)
+            encoder_snr, encoder_var = _snr_and_variance(draws["encoder"])
+            decoder_snr, decoder_var = _snr_and_variance(draws["decoder"])
+            rows.append({
+                "objective": name, "particles": k,
+                "bound": float(bound.mean()),
+                "bound_se": float(bound.std(unbiased=True) / math.sqrt(bound.shape[0])),
+                "encoder_snr": encoder_snr, "decoder_snr": decoder_snr,
+                "encoder_grad_var": encoder_var, "decoder_grad_var": decoder_var,
+                "ms_per_step": _ms_per_step(vae, objective, x, timing_repeats),
+            })
+    return rows
+
+
+def _ms_per_step(vae, objective, x: torch.Tensor, repeats: int) -> float:
+    loss_module = objective(vae.model, vae.guide)
+    times = []
+    for i in range(repeats + 2):
+        if vae.device.type == "cuda":
+            torch.cuda.synchronize(vae.device)
+        start = time.perf_counter()
+        loss_module(x).backward()
+        if vae.device.type == "cuda":
+            torch.cuda.synchronize(vae.device)
+        if i >= 2:  # the first passes warm caches up
+            times.append(time.perf_counter() - start)
+    vae.zero_grad(set_to_none=True)
+    return 1000 * statistics.median(times)
+
+
+def format_table(rows: Iterable[dict]) -> str:
+    """A fixed-width table of comparison rows."""
+    header = (f"{'objective':<10} {'K':>5} {'bound':>10} {'± se':>7} {'enc SNR':>9} "
+              f"{'dec SNR':>9} {'enc var':>10} {'dec var':>10} {'ms/step':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['objective']:<10} {r['particles']:>5} {r['bound']:>10.3f} "
+                     f"{r['bound_se']:>7.3f} {r['encoder_snr']:>9.4f} {r['decoder_snr']:>9.4f} "
+                     f"{r['encoder_grad_var']:>10.3e} {r['decoder_grad_var']:>10.3e} "
+                     f"{r['ms_per_step']:>8.2f}")
+    return "\n".join(lines)
+
+
+def comparison_figure(rows: Sequence[dict]):
+    """Bound, encoder SNR and decoder SNR against K, one line per objective."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for name in dict.fromkeys(r["objective"] for r in rows):
+        mine = sorted((r for r in rows if r["objective"] == name), key=lambda r: r["particles"])
+        ks = [r["particles"] for r in mine]
+        axes[0].errorbar(ks, [r["bound"] for r in mine], yerr=[r["bound_se"] for r in mine],
+                         marker="o", capsize=3, label=name)
+        axes[1].plot(ks, [r["encoder_snr"] for r in mine], marker="o", label=name)
+        axes[2].plot(ks, [r["decoder_snr"] for r in mine], marker="o", label=name)
+    titles = ("bound (nats per datapoint)", "encoder gradient SNR", "decoder gradient SNR")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log")
+        ax.set_xlabel("particles K")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
+    axes[0].legend()
+    fig.tight_layout()
+    return fig
