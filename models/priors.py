@@ -5,6 +5,9 @@ Protocol: a prior is an ``nn.Module`` with
 - ``setup(latent_dim)``: called once by the VAE before use (create parameters here);
 - ``distribution()``: a Pyro distribution over z with ``event_shape == (latent_dim,)`` and
   empty batch shape (the VAE broadcasts it over the data plate and particles);
+- optionally ``bind(vae)``: called once the VAE's networks exist, for priors built from them
+  (a VampPrior encodes pseudo-inputs); keep a bound method or a weak reference, never the VAE
+  itself as an attribute (it would become a submodule of itself);
 - optionally ``name`` (the registry name) and ``options()`` (keyword arguments that rebuild it),
   so a run that uses it can be saved and restored.
 """

@@ -84,6 +84,11 @@ class VAE(nn.Module):
                                     self.likelihood.decoder_outputs(self.data_dim), hidden)
         self.encoder = make_network(encoder, self.data_dim,
                                     self.guide_family.encoder_outputs(latent_dim), hidden)
+        # Components that need the assembled VAE (a VampPrior's pseudo-inputs go through the
+        # encoder) receive it here; they must not store it as a submodule.
+        for component in (self.prior, self.likelihood, self.guide_family):
+            if hasattr(component, "bind"):
+                component.bind(self)
         # Names under which model/guide register with Pyro's param store; unique per instance
         # so two VAEs never share (or silently swap) parameters through the global store.
         self._pyro_name = f"vae{next(_instance_ids)}"
