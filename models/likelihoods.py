@@ -10,31 +10,174 @@ Protocol: a likelihood is an ``nn.Module`` with
   outside the distribution's support;
 - optionally ``name`` and ``options()`` as for priors.
 
+A likelihood with k parameters per dimension has the decoder emit k·D numbers laid out in
+blocks (block-major): ``decoder_output[..., j*D:(j+1)*D]`` is parameter block j.
+
 Image grids and reconstructions use ``distribution(...).mean``.
+
+The catalogue (``LIKELIHOODS``):
+
+=========================  ==========  =====================================================
+name                       blocks      data
+=========================  ==========  =====================================================
+``bernoulli``              1           [0, 1] (binary; grey levels by the BCE convention)
+``continuous-bernoulli``   1           [0, 1]
+``beta``                   2           [0, 1], clamped into [ε, 1 − ε]
+``categorical``            ``levels``  [0, 1], rounded to ``levels`` evenly spaced levels
+``normal``                 1 or 2      real
+``laplace``                1 or 2      real
+``poisson``                1           non-negative integer counts
+``negative-binomial``      2           non-negative integer counts
+=========================  ==========  =====================================================
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro.distributions import constraints
 from torch import nn
 
 from ..errors import ConfigError, DataError
 
-#: Smallest standard deviation a learned Normal scale can reach (keeps densities finite).
+#: Smallest scale (σ of a Normal, b of a Laplace) a learned scale can reach (keeps densities
+#: finite).
 MIN_SCALE = 1e-3
+#: Smallest concentration (Beta α and β, negative-binomial total count) from the decoder.
+MIN_CONCENTRATION = 1e-3
+#: Smallest Poisson rate from the decoder (log_prob stays finite for every count).
+MIN_RATE = 1e-6
+
+
+# -- support checks -------------------------------------------------------------------------------
+def _refuse_unless(x: torch.Tensor, ok: torch.Tensor, name: str, need: str, hint: str = "") -> None:
+    """Raise a one-line DataError naming the first value (and its row) where ``ok`` is False.
+
+    ``ok`` must be False wherever ``x`` is NaN (comparisons with NaN are False, so masks built
+    from ``>=``, ``<=`` and ``==`` are)."""
+    if bool(ok.all()):
+        return
+    rows = ok.reshape(ok.shape[0], -1) if ok.dim() > 1 else ok.reshape(1, -1)
+    values = x.reshape(rows.shape)
+    row = int((~rows).any(dim=1).nonzero()[0])
+    column = int((~rows[row]).nonzero()[0])
+    value = float(values[row, column])
+    raise DataError(f"likelihood {name!r} needs {need}, but the data hold {value:g} "
+                    f"(row {row}){hint}")
 
 
 def _check_unit_interval(x: torch.Tensor, name: str) -> None:
-    low, high = float(x.min()), float(x.max())
-    if not (low >= 0.0 and high <= 1.0):  # written so that NaN fails too
-        raise DataError(f"likelihood {name!r} needs data in [0, 1], but the data range from "
-                        f"{low:g} to {high:g} (use --likelihood normal for real-valued data)")
+    _refuse_unless(x, (x >= 0.0) & (x <= 1.0), name, "data in [0, 1]",
+                   " (use --likelihood normal for real-valued data)")
 
 
+def _check_counts(x: torch.Tensor, name: str) -> None:
+    ok = torch.isfinite(x) & (x >= 0.0) & (x == torch.round(x))
+    _refuse_unless(x, ok, name, "non-negative integer counts")
+
+
+def _blocks(decoder_output: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """Split a decoder output of k block-major parameter blocks (each D wide) into k tensors."""
+    return decoder_output.chunk(k, dim=-1)
+
+
+# -- distributions ------------------------------------------------------------------------------
+#: Beta data are clamped into [BETA_EPSILON, 1 − BETA_EPSILON] before scoring (see ``Beta``).
+BETA_EPSILON = 1e-3
+
+
+class ClampedBeta(dist.Beta):
+    """A Beta distribution whose ``log_prob`` first clamps the value into [ε, 1 − ε].
+
+    Sampling, ``mean`` and ``variance`` are those of the plain Beta; only the scoring of data
+    at (or within ε of) 0 and 1 changes, where a Beta density is 0 or infinite. ε is the class
+    attribute ``EPSILON`` (no custom ``__init__``, so torch's ``expand`` keeps working)."""
+
+    EPSILON = BETA_EPSILON
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)  # the closed [0, 1]: 0 and 1 themselves are valid data
+        return super().log_prob(value.clamp(self.EPSILON, 1.0 - self.EPSILON))
+
+
+class DiscretizedUnitInterval(dist.TorchDistribution):
+    """A categorical distribution over the L evenly spaced levels 0, 1/(L−1), …, 1 of [0, 1].
+
+    ``logits[..., l]`` is the (unnormalized) log-probability of level l; the batch shape is
+    ``logits.shape[:-1]`` and the event shape is ``()`` (use ``.to_event`` for vectors).
+    A value v is scored at level ``round(v · (L − 1))`` (ties to even, as ``torch.round``), so
+    any value in [0, 1] is accepted and quantized; ``sample()`` returns ``level / (L − 1)``.
+    """
+
+    arg_constraints = {"logits": constraints.real_vector}
+    support = constraints.unit_interval  # every v in [0, 1] is scored at its nearest level
+    has_rsample = False
+
+    def __init__(self, logits: torch.Tensor, validate_args: bool | None = None):
+        if logits.dim() < 1 or logits.shape[-1] < 2:
+            raise ValueError("DiscretizedUnitInterval needs logits of shape [..., levels >= 2]")
+        self.logits = logits - logits.logsumexp(dim=-1, keepdim=True)  # normalized
+        super().__init__(batch_shape=logits.shape[:-1], event_shape=torch.Size(),
+                         validate_args=validate_args)
+
+    @property
+    def levels(self) -> int:
+        return self.logits.shape[-1]
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return self.logits.exp()
+
+    @property
+    def grid(self) -> torch.Tensor:
+        """The L level values l / (L − 1)."""
+        return torch.linspace(0.0, 1.0, self.levels, dtype=self.logits.dtype,
+                              device=self.logits.device)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(DiscretizedUnitInterval, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.logits = self.logits.expand(batch_shape + (self.levels,))
+        super(DiscretizedUnitInterval, new).__init__(batch_shape, torch.Size(),
+                                                     validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def level_of(self, value: torch.Tensor) -> torch.Tensor:
+        """The level index of each value: round(v · (L − 1)), clamped to [0, L − 1]."""
+        return torch.round(value * (self.levels - 1)).clamp(0, self.levels - 1).long()
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
+        index = self.level_of(value).expand(shape).unsqueeze(-1)
+        logits = self.logits.expand(shape + (self.levels,))
+        return logits.gather(-1, index).squeeze(-1)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            levels = torch.distributions.Categorical(logits=self.logits).sample(sample_shape)
+            return levels.to(self.logits.dtype) / (self.levels - 1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.probs * self.grid).sum(-1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return (self.probs * self.grid**2).sum(-1) - self.mean**2
+
+    def entropy(self) -> torch.Tensor:
+        return -(self.probs * self.logits).sum(-1)
+
+
+# -- likelihoods on [0, 1] ----------------------------------------------------------------------
 class Bernoulli(nn.Module):
     """x_d ~ Bernoulli(sigmoid(f_θ(z)_d)), independently over dimensions.
 
@@ -85,20 +228,107 @@ class ContinuousBernoulli(nn.Module):
         return {}
 
 
-class Normal(nn.Module):
-    """x ~ N(f_θ(z), diag(σ²)).
+class Beta(nn.Module):
+    """x_d ~ Beta(α_d(z), β_d(z)): the decoder emits 2 blocks (α's, then β's), each mapped to
+    ``softplus(raw) + MIN_CONCENTRATION``.
 
-    ``scale`` chooses σ:
+    A Beta density at exactly 0 or 1 is 0 or infinite, and data in [0, 1] (such as the digits'
+    background pixels) sit there, so data are clamped into [ε, 1 − ε] with
+    ``EPSILON = 1e-3`` before scoring (by :class:`ClampedBeta`). Why 1e-3: it is far below half
+    the spacing of 8-bit (1/255) or 17-level (1/16) grey levels, so no two distinct levels
+    merge and their order is kept; 1 − ε is exact enough in float32; and log ε ≈ −6.9 keeps the
+    gradients at the edges moderate. The scores are those of the slightly moved data: a density,
+    not comparable with the probabilities of the discrete likelihoods (``bernoulli``,
+    ``categorical``), and it can grow without bound when the decoder concentrates at ε.
+    """
 
-    - ``"shared"`` (default): one learned σ for all dimensions;
-    - ``"per-dim"``: one learned σ_d per dimension;
-    - ``"decoder"``: σ(z) from the decoder (it emits 2·D numbers);
-    - a positive number: σ fixed to that value.
+    name = "beta"
+    EPSILON = ClampedBeta.EPSILON
+
+    def decoder_outputs(self, data_dim: int) -> int:
+        return 2 * data_dim
+
+    def setup(self, data_dim: int) -> None:
+        pass
+
+    def distribution(self, decoder_output: torch.Tensor) -> dist.Distribution:
+        raw_alpha, raw_beta = _blocks(decoder_output, 2)
+        return ClampedBeta(F.softplus(raw_alpha) + MIN_CONCENTRATION,
+                           F.softplus(raw_beta) + MIN_CONCENTRATION).to_event(1)
+
+    def check_support(self, x: torch.Tensor) -> None:
+        _check_unit_interval(x, self.name)
+
+    def options(self) -> dict:
+        return {}
+
+
+class Categorical(nn.Module):
+    """x_d takes one of ``levels`` evenly spaced values 0, 1/(L−1), …, 1, with probabilities
+    softmax over the decoder's L logits for dimension d (a "256-way softmax" likelihood).
+
+    The decoder emits L blocks of D logits (block-major: block l holds the logits of level l
+    for every dimension). A value v is scored at level round(v·(L−1)); for the digits (values
+    k/16) ``levels=17`` is exact, the default 256 suits 8-bit images. The log-likelihood is a
+    log-probability (≤ 0), comparable across models of the same ``levels``.
+    """
+
+    name = "categorical"
+
+    def __init__(self, levels: int = 256):
+        super().__init__()
+        if isinstance(levels, str):
+            try:
+                levels = int(levels)
+            except ValueError:
+                pass
+        if isinstance(levels, numbers.Real) and not isinstance(levels, numbers.Integral) \
+                and float(levels).is_integer():
+            levels = int(levels)  # 17.0 is 17
+        if isinstance(levels, bool) or not isinstance(levels, numbers.Integral):
+            raise ConfigError(f"categorical likelihood levels must be an integer >= 2, "
+                              f"not {levels!r}")
+        levels = int(levels)
+        if levels < 2:
+            raise ConfigError(f"categorical likelihood levels must be at least 2, not {levels}")
+        self.levels = levels
+
+    def decoder_outputs(self, data_dim: int) -> int:
+        return self.levels * data_dim
+
+    def setup(self, data_dim: int) -> None:
+        pass
+
+    def distribution(self, decoder_output: torch.Tensor) -> dist.Distribution:
+        # [..., L*D] block-major → [..., L, D] → [..., D, L]
+        data_dim = decoder_output.shape[-1] // self.levels
+        logits = decoder_output.unflatten(-1, (self.levels, data_dim)).transpose(-1, -2)
+        return DiscretizedUnitInterval(logits).to_event(1)
+
+    def check_support(self, x: torch.Tensor) -> None:
+        _check_unit_interval(x, self.name)
+
+    def options(self) -> dict:
+        return {"levels": self.levels}
+
+
+# -- location-scale likelihoods for real data ---------------------------------------------------
+class LocationScale(nn.Module):
+    """x ~ family(f_θ(z), scale), independently over dimensions; subclasses set ``name`` and
+    ``family`` (a Pyro location-scale distribution class taking ``(loc, scale)``).
+
+    ``scale`` chooses the scale:
+
+    - ``"shared"`` (default): one learned scale for all dimensions;
+    - ``"per-dim"``: one learned scale per dimension;
+    - ``"decoder"``: the scale from the decoder (it emits 2 blocks: locations, then raw scales);
+    - a positive number: the scale fixed to that value.
 
     Learned scales are ``softplus(ρ) + MIN_SCALE``, initialised at ``init_scale``.
     """
 
-    name = "normal"
+    name: str
+    family: type[dist.Distribution]
     SCALES = ("shared", "per-dim", "decoder")
 
     def __init__(self, scale: str | float = "shared", init_scale: float = 1.0):
@@ -108,13 +338,21 @@ class Normal(nn.Module):
                 try:
                     scale = float(scale)
                 except ValueError:
-                    raise ConfigError(f"normal likelihood scale must be one of "
+                    raise ConfigError(f"{self.name} likelihood scale must be one of "
                                       f"{', '.join(self.SCALES)} or a positive number, "
                                       f"not {scale!r}") from None
-        if not isinstance(scale, str) and not (scale > 0 and math.isfinite(scale)):
-            raise ConfigError(f"normal likelihood scale must be positive, not {scale!r}")
-        if not init_scale > MIN_SCALE:
-            raise ConfigError(f"normal likelihood init_scale must exceed {MIN_SCALE}")
+        if not isinstance(scale, str):
+            if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+                raise ConfigError(f"{self.name} likelihood scale must be one of "
+                                  f"{', '.join(self.SCALES)} or a positive number, "
+                                  f"not {scale!r}")
+            if not (scale > 0 and math.isfinite(scale)):
+                raise ConfigError(f"{self.name} likelihood scale must be positive, not {scale!r}")
+            scale = float(scale)
+        if isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real) \
+                or not (init_scale > MIN_SCALE and math.isfinite(init_scale)):
+            raise ConfigError(f"{self.name} likelihood init_scale must be a finite number "
+                              f"above {MIN_SCALE}, not {init_scale!r}")
         self.scale = scale
         self.init_scale = float(init_scale)
 
@@ -122,8 +360,9 @@ class Normal(nn.Module):
         return 2 * data_dim if self.scale == "decoder" else data_dim
 
     def setup(self, data_dim: int) -> None:
-        # ρ with softplus(ρ) + MIN_SCALE = init_scale
-        rho = math.log(math.expm1(self.init_scale - MIN_SCALE))
+        # ρ with softplus(ρ) + MIN_SCALE = init_scale (inverse softplus, stable for large y)
+        y = self.init_scale - MIN_SCALE
+        rho = y + math.log(-math.expm1(-y))
         if self.scale == "shared":
             self.raw_scale = nn.Parameter(torch.full((1,), rho))
         elif self.scale == "per-dim":
@@ -131,9 +370,10 @@ class Normal(nn.Module):
         elif self.scale != "decoder":
             self.register_buffer("fixed_scale", torch.tensor(float(self.scale)))
 
-    def distribution(self, decoder_output: torch.Tensor) -> dist.Distribution:
+    def loc_scale(self, decoder_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The location and the scale (expanded to the location's shape)."""
         if self.scale == "decoder":
-            loc, raw = decoder_output.chunk(2, dim=-1)
+            loc, raw = _blocks(decoder_output, 2)
             scale = F.softplus(raw) + MIN_SCALE
         elif isinstance(self.scale, str):
             loc = decoder_output
@@ -141,7 +381,10 @@ class Normal(nn.Module):
         else:
             loc = decoder_output
             scale = self.fixed_scale
-        return dist.Normal(loc, scale.expand_as(loc)).to_event(1)
+        return loc, scale.expand_as(loc)
+
+    def distribution(self, decoder_output: torch.Tensor) -> dist.Distribution:
+        return self.family(*self.loc_scale(decoder_output)).to_event(1)
 
     def check_support(self, x: torch.Tensor) -> None:
         pass  # every finite real vector; non-finite values are refused when the data load
@@ -150,9 +393,80 @@ class Normal(nn.Module):
         return {"scale": self.scale, "init_scale": self.init_scale}
 
 
+class Normal(LocationScale):
+    """x ~ N(f_θ(z), diag(σ²)); ``scale`` is σ (see :class:`LocationScale` for the options)."""
+
+    name = "normal"
+    family = dist.Normal
+
+
+class Laplace(LocationScale):
+    """x_d ~ Laplace(f_θ(z)_d, b), density exp(−|x − μ|/b) / (2b): heavier tails than the
+    Normal, an L1 reconstruction error. ``scale`` is b (standard deviation √2·b); the options
+    are those of :class:`LocationScale`."""
+
+    name = "laplace"
+    family = dist.Laplace
+
+
+# -- likelihoods for counts ---------------------------------------------------------------------
+class Poisson(nn.Module):
+    """x_d ~ Poisson(softplus(f_θ(z)_d) + MIN_RATE), for non-negative integer counts
+    (stored as floats: 3.0 is the count 3)."""
+
+    name = "poisson"
+
+    def decoder_outputs(self, data_dim: int) -> int:
+        return data_dim
+
+    def setup(self, data_dim: int) -> None:
+        pass
+
+    def distribution(self, decoder_output: torch.Tensor) -> dist.Distribution:
+        return dist.Poisson(F.softplus(decoder_output) + MIN_RATE).to_event(1)
+
+    def check_support(self, x: torch.Tensor) -> None:
+        _check_counts(x, self.name)
+
+    def options(self) -> dict:
+        return {}
+
+
+class NegativeBinomial(nn.Module):
+    """x_d ~ NegativeBinomial(r_d(z), logits_d(z)) for over-dispersed counts: the decoder emits 2
+    blocks, r = softplus(block 0) + MIN_CONCENTRATION and the logits = block 1.
+
+    torch's parametrization: the number of successes before r failures, success probability
+    p = sigmoid(logits); mean r·p/(1−p) = r·exp(logits), variance mean/(1−p)."""
+
+    name = "negative-binomial"
+
+    def decoder_outputs(self, data_dim: int) -> int:
+        return 2 * data_dim
+
+    def setup(self, data_dim: int) -> None:
+        pass
+
+    def distribution(self, decoder_output: torch.Tensor) -> dist.Distribution:
+        raw_total, logits = _blocks(decoder_output, 2)
+        return dist.NegativeBinomial(total_count=F.softplus(raw_total) + MIN_CONCENTRATION,
+                                     logits=logits).to_event(1)
+
+    def check_support(self, x: torch.Tensor) -> None:
+        _check_counts(x, self.name)
+
+    def options(self) -> dict:
+        return {}
+
+
 LIKELIHOODS: dict[str, type[nn.Module]] = {
     "bernoulli": Bernoulli,
     "continuous-bernoulli": ContinuousBernoulli,
+    "beta": Beta,
+    "categorical": Categorical,
     "normal": Normal,
+    "laplace": Laplace,
+    "poisson": Poisson,
+    "negative-binomial": NegativeBinomial,
 }
 PROTOCOL = ("decoder_outputs", "setup", "distribution", "check_support")

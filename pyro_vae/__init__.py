@@ -12,6 +12,7 @@ from .errors import PyroVAEError
 from .evaluation import Evaluation, evaluate
 from .log_weights import LogWeights, log_weights
 from .objectives import OBJECTIVES, make_objective
+from .registry import register
 from .runs import Run, load_run
 from .training import FitResult, fit
 from .vae import VAE
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "VAE", "fit", "evaluate", "load_run", "load_data", "log_weights", "make_objective",
-    "Dataset", "Evaluation", "FitResult", "LogWeights", "Run", "PyroVAEError", "OBJECTIVES",
+    "register", "Dataset", "Evaluation", "FitResult", "LogWeights", "Run", "PyroVAEError", "OBJECTIVES",
 ]

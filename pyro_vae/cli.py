@@ -28,7 +28,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "latent_dim": 8, "objective": "elbo", "particles": None, "alpha": None, "beta": 1.0,
     "anneal_steps": 0, "free_bits": 0.0,
     "epochs": 200, "batch_size": 128, "lr": 1e-3, "device": "auto", "seed": 0, "out": None,
-    "eval_particles": 1000,
+    "eval_particles": 1000, "conditional": False, "levels": None,
 }
 
 
@@ -118,7 +118,7 @@ _TRAIN_TYPES = {
     "latent_dim": _positive_int, "particles": _positive_int, "beta": _non_negative_float,
     "alpha": _finite_float, "anneal_steps": _non_negative_int, "free_bits": _non_negative_float,
     "epochs": _positive_int, "batch_size": _positive_int, "lr": _positive_float,
-    "seed": _integer, "eval_particles": _non_negative_int,
+    "seed": _integer, "eval_particles": _non_negative_int, "levels": _positive_int,
 }
 _FROM_FLAGS = set(_TRAIN_TYPES)
 
@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--encoder", choices=NETWORKS)
         command.add_argument("--decoder", choices=NETWORKS)
         command.add_argument("--hidden", metavar="400,400", help="hidden widths of mlp networks")
+        command.add_argument("--levels", type=_positive_int, metavar="L",
+                             help="levels of the categorical likelihood (default: 17 for "
+                                  "digits, else 256)")
+        command.add_argument("--conditional", action="store_true", default=None,
+                             help="a conditional VAE p(x|z,y), q(z|x,y) on the data's labels")
         command.add_argument("--latent-dim", type=_positive_int, metavar="D")
         command.add_argument("--seed", type=_integer, metavar="S")
         command.add_argument("--device", metavar="auto|cpu|cuda[:i]")
@@ -211,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="samples.png", metavar="FILE",
                         help="a .png image grid, or .npy / .csv for the raw values")
     sample.add_argument("--seed", type=int, default=0, metavar="S")
+    sample.add_argument("--label", type=_non_negative_int, metavar="Y",
+                        help="class to generate (conditional runs; default: cycle the classes)")
     return parser
 
 
@@ -251,13 +258,22 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+#: Likelihoods with a σ option (``--likelihood-scale``).
+_SCALED_LIKELIHOODS = ("normal", "laplace")
+
+
 def _likelihood_options(options: dict[str, Any]) -> dict[str, Any]:
-    scale = options["likelihood_scale"]
-    if scale is None:
-        return {}
-    if options["likelihood"] != "normal":
-        raise ConfigError("--likelihood-scale applies to --likelihood normal only")
-    return {"scale": scale}
+    chosen, result = options["likelihood"], {}
+    if options["likelihood_scale"] is not None:
+        if chosen not in _SCALED_LIKELIHOODS:
+            raise ConfigError(f"--likelihood-scale applies to --likelihood "
+                              f"{' or '.join(_SCALED_LIKELIHOODS)} only")
+        result["scale"] = options["likelihood_scale"]
+    if options["levels"] is not None and chosen != "categorical":
+        raise ConfigError("--levels applies to --likelihood categorical only")
+    if chosen == "categorical":
+        result["levels"] = options["levels"] or (17 if options["data"] == "digits" else 256)
+    return result
 
 
 def _build(options: dict[str, Any]):
@@ -270,11 +286,15 @@ def _build(options: dict[str, Any]):
 
     resolve_device(options["device"])  # before any work: CUDA asked for but absent
     dataset = load_data(options["data"])
+    conditional = bool(options["conditional"])
+    if conditional and dataset.num_classes is None:
+        raise ConfigError(f"--conditional needs labelled data; {dataset.name!r} has no labels")
     pyro.set_rng_seed(int(options["seed"]))
     vae = VAE(dataset.data_shape, int(options["latent_dim"]), prior=options["prior"],
               likelihood=options["likelihood"], guide=options["guide"],
               encoder=options["encoder"], decoder=options["decoder"], hidden=options["hidden"],
-              likelihood_options=_likelihood_options(options))
+              likelihood_options=_likelihood_options(options), conditional=conditional,
+              num_classes=dataset.num_classes if conditional else None)
     return dataset, vae
 
 
@@ -343,7 +363,7 @@ def cmd_compare_estimators(args: argparse.Namespace) -> int:
     from .estimators import compare_estimators, comparison_figure, format_table
     from .objectives import OBJECTIVES
     from .runs import load_run
-    from .training import check_compatible, fit, resolve_device
+    from .training import check_compatible, fit, labels_for, resolve_device
 
     objectives = _names(args.objectives, "--objectives")
     for name in objectives:
@@ -362,7 +382,8 @@ def cmd_compare_estimators(args: argparse.Namespace) -> int:
         raise ConfigError(f"--plot must be a .png file in an existing directory, not {args.plot!r}")
     if args.run_dir:
         given = [flag for flag in ("config", "prior", "likelihood", "likelihood_scale", "guide",
-                                   "encoder", "decoder", "hidden", "latent_dim")
+                                   "encoder", "decoder", "hidden", "latent_dim", "levels",
+                                   "conditional")
                  if getattr(args, flag) is not None]
         if given:
             raise ConfigError(f"--{given[0].replace('_', '-')} describes a fresh model; a "
@@ -383,8 +404,10 @@ def cmd_compare_estimators(args: argparse.Namespace) -> int:
     x = dataset.split(args.split)[: args.batch_size]
     if x.shape[0] < 2:
         raise ConfigError(f"split {args.split!r} has fewer than 2 datapoints")
+    labels = labels_for(vae, dataset, args.split)
     rows = compare_estimators(vae, x, objectives, particles, repeats=args.repeats,
                               alpha=args.alpha, seed=seed,
+                              labels=None if labels is None else labels[: args.batch_size],
                               progress=not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps(rows))
@@ -419,8 +442,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name")
     run = load_run(args.run_dir)
+    if args.label is not None:
+        if not run.vae.conditional:
+            raise ConfigError(f"--label needs a conditional run; {args.run_dir} is not conditional")
+        if args.label >= run.vae.num_classes:
+            raise ConfigError(f"--label must be below {run.vae.num_classes}, not {args.label}")
     torch.manual_seed(args.seed)
-    samples = run.vae.sample(args.n)
+    samples = run.vae.sample(args.n, args.label)
     if suffix == ".png":
         plots.save_grid(samples, run.vae.data_shape, out, nrow=max(1, int(math.sqrt(args.n))))
     elif suffix == ".npy":

@@ -50,14 +50,15 @@ def _snr_and_variance(draws: torch.Tensor) -> tuple[float, float]:
     return float(snr), float(std.pow(2).mean())
 
 
-def gradient_draws(vae, objective, x: torch.Tensor, repeats: int) -> dict[str, torch.Tensor]:
+def gradient_draws(vae, objective, x: torch.Tensor, repeats: int,
+                   labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """R gradients of the per-datapoint loss on ``x``: ``{group: [R, P_group]}``."""
     groups = parameter_groups(vae)
     draws = {name: [] for name in groups}
     loss_module = objective(vae.model, vae.guide)
     for _ in range(repeats):
         vae.zero_grad(set_to_none=True)
-        (loss_module(x) / x.shape[0]).backward()
+        (loss_module(x, labels) / x.shape[0]).backward()
         for name, params in groups.items():
             draws[name].append(torch.cat([
                 (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
@@ -69,8 +70,9 @@ def gradient_draws(vae, objective, x: torch.Tensor, repeats: int) -> dict[str, t
 def compare_estimators(vae, x: torch.Tensor, objectives: Sequence[str] = ("elbo", "iwae", "dreg"),
                        particles: Sequence[int] = (1, 5, 50), repeats: int = 100,
                        timing_repeats: int = 20, alpha: float | None = None, seed: int = 0,
-                       progress: bool = False) -> list[dict]:
-    """Compare ``objectives`` × ``particles`` on the minibatch ``x`` (``[batch, data_dim]``).
+                       labels: torch.Tensor | None = None, progress: bool = False) -> list[dict]:
+    """Compare ``objectives`` × ``particles`` on the minibatch ``x`` (``[batch, data_dim]``;
+    a conditional VAE also takes the batch's ``labels``).
 
     Returns one row per pair with the keys of :data:`ROW_KEYS`. The model is not changed.
     """
@@ -85,6 +87,7 @@ def compare_estimators(vae, x: torch.Tensor, objectives: Sequence[str] = ("elbo"
     if x.ndim != 2 or x.shape[1] != vae.data_dim or x.shape[0] < 2:
         raise ConfigError(f"need a batch of at least 2 datapoints of dimension {vae.data_dim}")
     x = x.to(vae.device)
+    labels = None if labels is None else labels.to(vae.device)
     pairs = [(name, k) for name in objectives for k in particles]
     rows = []
     from tqdm.auto import tqdm
@@ -94,8 +97,8 @@ def compare_estimators(vae, x: torch.Tensor, objectives: Sequence[str] = ("elbo"
             objective = make_objective(name, k, alpha=alpha if name == "renyi" else None)
             pyro.set_rng_seed(seed)
             with torch.no_grad():
-                bound, _ = objective.per_datapoint_bound(vae.model, vae.guide, x)
-            draws = gradient_draws(vae, objective, x, repeats)
+                bound, _ = objective.per_datapoint_bound(vae.model, vae.guide, x, labels)
+            draws = gradient_draws(vae, objective, x, repeats, labels)
             encoder_snr, encoder_var = _snr_and_variance(draws["encoder"])
             decoder_snr, decoder_var = _snr_and_variance(draws["decoder"])
             rows.append({
@@ -104,19 +107,19 @@ def compare_estimators(vae, x: torch.Tensor, objectives: Sequence[str] = ("elbo"
                 "bound_se": float(bound.std(unbiased=True) / math.sqrt(bound.shape[0])),
                 "encoder_snr": encoder_snr, "decoder_snr": decoder_snr,
                 "encoder_grad_var": encoder_var, "decoder_grad_var": decoder_var,
-                "ms_per_step": _ms_per_step(vae, objective, x, timing_repeats),
+                "ms_per_step": _ms_per_step(vae, objective, x, labels, timing_repeats),
             })
     return rows
 
 
-def _ms_per_step(vae, objective, x: torch.Tensor, repeats: int) -> float:
+def _ms_per_step(vae, objective, x: torch.Tensor, labels, repeats: int) -> float:
     loss_module = objective(vae.model, vae.guide)
     times = []
     for i in range(repeats + 2):
         if vae.device.type == "cuda":
             torch.cuda.synchronize(vae.device)
         start = time.perf_counter()
-        loss_module(x).backward()
+        loss_module(x, labels).backward()
         if vae.device.type == "cuda":
             torch.cuda.synchronize(vae.device)
         if i >= 2:  # the first passes warm caches up

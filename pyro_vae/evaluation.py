@@ -72,24 +72,33 @@ class Evaluation:
         }
 
 
-def _posterior_mean(vae, x: torch.Tensor, latents: torch.Tensor | None) -> torch.Tensor:
+def _posterior_mean(vae, x, y, particle_mean: torch.Tensor) -> torch.Tensor:
+    """E_q[z|x]: closed form where the guide has one, else the mean of the K particles."""
     try:
-        return vae.encode(x).mean
+        return vae.encode(x, y).mean
     except NotImplementedError:
-        return latents.mean(dim=0)
+        return particle_mean
 
 
 @torch.no_grad()
 def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split: str = "test",
-             batch_size: int = 256, seed: int = 0, progress: bool = False) -> Evaluation:
+             labels: torch.Tensor | None = None, batch_size: int = 256, seed: int = 0,
+             progress: bool = False) -> Evaluation:
     """Evaluate ``vae`` on ``data`` (a ``[N, D]`` tensor, or a :class:`Dataset` and a ``split``)
-    with K = ``particles`` importance samples per datapoint. Seeded: the same seed, model and
-    data give the same numbers."""
+    with K = ``particles`` importance samples per datapoint. A conditional VAE takes the split's
+    labels, or ``labels`` with a tensor. Seeded: the same seed, model and data give the same
+    numbers."""
     if not isinstance(particles, int) or particles < 1:
         raise ConfigError(f"particles must be a positive integer, not {particles!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, not {batch_size!r}")
-    x_all = data.split(split) if isinstance(data, Dataset) else data
+    if isinstance(data, Dataset):
+        x_all = data.split(split)
+        labels = data.split_labels(split) if vae.conditional else None
+    else:
+        x_all = data
+    if vae.conditional and labels is None:
+        raise ConfigError("a conditional VAE needs labels to be evaluated")
     if x_all.ndim != 2 or x_all.shape[1] != vae.data_dim:
         raise ConfigError(f"data of shape {list(x_all.shape)} do not fit a VAE of "
                           f"data_dim {vae.data_dim}")
@@ -97,7 +106,11 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
         raise ConfigError("no datapoints to evaluate")
     device = vae.device
     x_all = x_all.to(device)
-    width = max(vae.data_dim * 2, *(vae.hidden or (0,)), vae.latent_dim)
+    labels = None if labels is None else labels.to(device)
+    # widest activation per particle and datapoint: the decoder output (a categorical
+    # likelihood emits levels × data_dim logits), a hidden layer, or z
+    width = max(2 * vae.likelihood.decoder_outputs(vae.data_dim), *(vae.hidden or (0,)),
+                vae.latent_dim)
     was_training = vae.training
     vae.eval()
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in
@@ -109,6 +122,7 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
             batches = range(0, x_all.shape[0], batch_size)
             for start in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
                 x = x_all[start:start + batch_size]
+                y = None if labels is None else labels[start:start + batch_size]
                 chunk = max(1, min(particles, _CHUNK_FLOATS // (x.shape[0] * width)))
                 lse_w = torch.full((x.shape[0],), -math.inf, device=device)
                 lse_2w = lse_w.clone()
@@ -118,7 +132,7 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
                 done = 0
                 while done < particles:
                     k = min(chunk, particles - done)
-                    weights = log_weights(vae.model, vae.guide, x, particles=k)
+                    weights = log_weights(vae.model, vae.guide, x, y, particles=k)
                     log_w = weights.total()
                     lse_w = torch.logaddexp(lse_w, torch.logsumexp(log_w, 0))
                     lse_2w = torch.logaddexp(lse_2w, torch.logsumexp(2 * log_w, 0))
@@ -134,7 +148,7 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
                 rows["ll"].append(lse_w - math.log(particles))
                 rows["ess"].append(ess)
                 rows["mcse"].append(((particles / ess - 1).clamp(min=0) / particles).sqrt())
-                rows["mean"].append(_posterior_mean(vae, x, mean_latents[None]))
+                rows["mean"].append(_posterior_mean(vae, x, y, mean_latents))
     finally:
         vae.train(was_training)
     cat = {k: torch.cat(v).cpu() for k, v in rows.items()}

@@ -29,10 +29,11 @@ def save_grid(x: torch.Tensor, data_shape: Sequence[int], path: str | Path, nrow
     return Path(path)
 
 
-def save_reconstructions(vae, x: torch.Tensor, path: str | Path, n: int = 32) -> Path:
+def save_reconstructions(vae, x: torch.Tensor, path: str | Path, n: int = 32,
+                         labels: torch.Tensor | None = None) -> Path:
     """Originals (odd rows) above their reconstructions (even rows)."""
     x = x[:n]
-    recon = vae.reconstruct(x)
+    recon = vae.reconstruct(x, None if labels is None else labels[:n])
     rows = []
     for start in range(0, x.shape[0], 8):
         rows.extend([x[start:start + 8], recon[start:start + 8]])

@@ -37,3 +37,38 @@ def describe(component) -> dict[str, Any]:
     name = getattr(component, "name", None) or type(component).__name__
     options = component.options() if hasattr(component, "options") else {}
     return {"name": name, "options": options}
+
+
+def register(kind: str, name: str):
+    """Class decorator: make a user-written component available by ``name``.
+
+    ``kind`` is ``"prior"``, ``"likelihood"`` or ``"guide"``. A registered component can be
+    chosen by name (``VAE(prior="my-prior")``, ``pyro-vae train --prior my-prior`` after the
+    defining module is imported) and runs that use it can be restored with ``load_run``::
+
+        @pyro_vae.register("prior", "my-laplace")
+        class MyLaplace(torch.nn.Module):
+            def setup(self, latent_dim): ...
+            def distribution(self): ...
+    """
+    from .guides import posteriors
+    from .models import likelihoods, priors
+
+    catalogues = {"prior": (priors.PRIORS, priors.PROTOCOL),
+                  "likelihood": (likelihoods.LIKELIHOODS, likelihoods.PROTOCOL),
+                  "guide": (posteriors.POSTERIORS, posteriors.PROTOCOL)}
+    if kind not in catalogues:
+        raise ConfigError(f"unknown component kind {kind!r}; use prior, likelihood or guide")
+    catalogue, protocol = catalogues[kind]
+
+    def decorate(cls):
+        missing = [method for method in protocol if not hasattr(cls, method)]
+        if missing:
+            raise ConfigError(f"{kind} {cls.__name__} lacks {', '.join(missing)}")
+        if name in catalogue and catalogue[name] is not cls:
+            raise ConfigError(f"a {kind} named {name!r} is already registered")
+        cls.name = name
+        catalogue[name] = cls
+        return cls
+
+    return decorate

@@ -113,12 +113,40 @@ def as_dataset(data: Dataset | str | Path | torch.Tensor) -> Dataset:
 
 
 def check_compatible(vae, dataset: Dataset) -> None:
-    """Refuse data that do not fit the VAE: dimension, then the likelihood's support."""
+    """Refuse data that do not fit the VAE: dimension, labels, then the likelihood's support."""
     if dataset.data_dim != vae.data_dim:
         raise ConfigError(f"data {dataset.name!r} have {dataset.data_dim} dimensions per "
                           f"datapoint, but the VAE expects {vae.data_dim}")
+    if vae.conditional:
+        if dataset.split_labels("train") is None:
+            raise ConfigError(f"a conditional VAE needs labelled data; {dataset.name!r} has no labels")
+        if dataset.num_classes > vae.num_classes:
+            raise ConfigError(f"data {dataset.name!r} have {dataset.num_classes} classes, but the "
+                              f"VAE was built for {vae.num_classes}")
     for split in ("train", "val", "test"):
         vae.likelihood.check_support(dataset.split(split))
+
+
+def labels_for(vae, dataset: Dataset, split: str) -> torch.Tensor | None:
+    """The labels a conditional VAE needs for ``split`` (``None`` for an unconditional VAE)."""
+    return dataset.split_labels(split) if vae.conditional else None
+
+
+def dry_run(vae, objective, dataset: Dataset) -> None:
+    """Score two training datapoints with validation on: a combination that cannot work
+    (meanfield without a closed-form KL, free bits with a non-factorized guide, …) fails here,
+    in one line, before any run directory exists or any step is taken."""
+    x = dataset.train[:2].to(vae.device)
+    y = labels_for(vae, dataset, "train")
+    y = None if y is None else y[:2].to(vae.device)
+    try:
+        with torch.no_grad(), pyro.validation_enabled(True):
+            objective.differentiable_loss(vae.model, vae.guide, x, y)
+    except (ValueError, NotImplementedError, RuntimeError) as exc:
+        if isinstance(exc, PyroVAEError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
+        raise TrainingError(f"the model cannot be scored on the data: {first}") from exc
 
 
 def fit(vae, data: Dataset | str | Path | torch.Tensor, objective: str = "elbo", *,
@@ -155,6 +183,8 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor, objective: str = "elbo",
         raise ConfigError("objective 'dreg' cannot anneal β (its gradient identity needs β = 1); "
                           "drop --anneal-steps or use 'iwae'")
     torch_device = resolve_device(config.device)
+    vae.to(torch_device)
+    dry_run(vae, loss_fn, dataset)
     full_config = {
         "model": vae.config,
         "training": asdict(config),
@@ -189,6 +219,7 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
     vae.to(torch_device)
     dataset = dataset.to(torch_device)
     train = dataset.train
+    train_labels = labels_for(vae, dataset, "train")
     num_data = train.shape[0]
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
     loss_module = loss_fn(vae.model, vae.guide)
@@ -208,21 +239,23 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                 order = torch.randperm(num_data, generator=order_generator).to(torch_device)
                 loss_sum = torch.zeros((), device=torch_device)
                 for start in range(0, num_data, config.batch_size):
-                    x = train[order[start:start + config.batch_size]]
+                    batch = order[start:start + config.batch_size]
+                    x = train[batch]
+                    y = None if train_labels is None else train_labels[batch]
                     if config.anneal_steps:
                         loss_fn.beta = config.beta * min(1.0, step / config.anneal_steps)
                     if step == 0:
                         # Validate the very first step (arguments, supports, shapes), then run fast.
                         with pyro.validation_enabled(True):
                             try:
-                                loss = loss_module(x, num_data=num_data)
+                                loss = loss_module(x, y, num_data=num_data)
                             except (ValueError, NotImplementedError) as exc:
                                 if isinstance(exc, PyroVAEError):
                                     raise
                                 first = str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
                                 raise TrainingError(f"the first training step failed: {first}") from exc
                     else:
-                        loss = loss_module(x, num_data=num_data)
+                        loss = loss_module(x, y, num_data=num_data)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -240,7 +273,7 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                 if not math.isfinite(train_loss):
                     raise TrainingError(f"the loss became {train_loss} in epoch {epoch}; "
                                         "try a smaller --lr")
-                val = evaluate(vae, dataset.val, particles=config.val_particles, seed=epoch)
+                val = evaluate(vae, dataset, split="val", particles=config.val_particles, seed=epoch)
                 row = {"epoch": epoch, "step": step, "train_loss": train_loss, "beta": loss_fn.beta,
                        "val_elbo": val.summary["elbo"], "val_elbo_se": val.summary["elbo_se"],
                        "epoch_time_s": time.perf_counter() - epoch_start,
@@ -260,6 +293,7 @@ def write_figures(vae, dataset: Dataset, history: list[dict], run_dir: Path) -> 
 
     with torch.random.fork_rng(devices=[vae.device] if vae.device.type == "cuda" else []):
         torch.manual_seed(0)
-        plots.save_reconstructions(vae, dataset.val, run_dir / "reconstructions.png")
+        plots.save_reconstructions(vae, dataset.val, run_dir / "reconstructions.png",
+                                   labels=labels_for(vae, dataset, "val"))
         plots.save_samples(vae, run_dir / "samples.png")
     plots.save_loss(history, run_dir / "loss.png")

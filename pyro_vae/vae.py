@@ -45,17 +45,21 @@ class VAE(nn.Module):
     :param prior: a name from ``pyro_vae.models.priors.PRIORS`` or a prior object.
     :param likelihood: a name from ``pyro_vae.models.likelihoods.LIKELIHOODS`` or an object.
     :param guide: a name from ``pyro_vae.guides.posteriors.POSTERIORS`` or an object.
-    :param encoder, decoder: network kinds (``"mlp"`` or ``"linear"``).
-    :param hidden: hidden layer widths of ``mlp`` networks.
+    :param encoder, decoder: network kinds (``"mlp"``, ``"linear"`` or ``"conv"`` for C×H×W
+        image data).
+    :param hidden: hidden layer widths of ``mlp`` networks (``conv`` uses the first for its head).
     :param prior_options, likelihood_options, guide_options: keyword arguments for components
         given by name, e.g. ``likelihood_options={"scale": 0.1}``.
+    :param conditional: a conditional VAE, p_θ(x | z, y) and q_φ(z | x, y), for integer labels
+        y in ``range(num_classes)``, fed to both networks as one-hot vectors.
     """
 
     def __init__(self, data_shape: int | Sequence[int], latent_dim: int = 8, *,
                  prior: Any = "normal", likelihood: Any = "bernoulli", guide: Any = "normal",
                  encoder: str = "mlp", decoder: str = "mlp", hidden: Sequence[int] = (256, 256),
                  prior_options: dict | None = None, likelihood_options: dict | None = None,
-                 guide_options: dict | None = None):
+                 guide_options: dict | None = None, conditional: bool = False,
+                 num_classes: int | None = None):
         super().__init__()
         data_shape = (int(data_shape),) if isinstance(data_shape, int) else tuple(map(int, data_shape))
         if not data_shape or any(size <= 0 for size in data_shape):
@@ -70,6 +74,17 @@ class VAE(nn.Module):
         self.latent_dim = latent_dim
         self.hidden = hidden
         self.encoder_kind, self.decoder_kind = encoder, decoder
+        self.conditional = bool(conditional)
+        if self.conditional:
+            if not isinstance(num_classes, int) or num_classes < 2:
+                raise ConfigError(f"a conditional VAE needs num_classes ≥ 2, not {num_classes!r}")
+            self.num_classes = num_classes
+        elif num_classes is not None:
+            raise ConfigError("num_classes applies to a conditional VAE (conditional=True) only")
+        else:
+            self.num_classes = None
+        context = self.num_classes or 0
+        image_shape = data_shape if len(data_shape) == 3 else None
 
         self.prior = resolve("prior", prior_catalogue.PRIORS, prior, prior_options,
                              prior_catalogue.PROTOCOL)
@@ -81,13 +96,20 @@ class VAE(nn.Module):
         self.likelihood.setup(self.data_dim)
         self.guide_family.setup(latent_dim)
         self.decoder = make_network(decoder, latent_dim,
-                                    self.likelihood.decoder_outputs(self.data_dim), hidden)
+                                    self.likelihood.decoder_outputs(self.data_dim), hidden,
+                                    role="decoder", image_shape=image_shape,
+                                    context_features=context)
         self.encoder = make_network(encoder, self.data_dim,
-                                    self.guide_family.encoder_outputs(latent_dim), hidden)
+                                    self.guide_family.encoder_outputs(latent_dim), hidden,
+                                    role="encoder", image_shape=image_shape,
+                                    context_features=context)
         # Components that need the assembled VAE (a VampPrior's pseudo-inputs go through the
         # encoder) receive it here; they must not store it as a submodule.
         for component in (self.prior, self.likelihood, self.guide_family):
             if hasattr(component, "bind"):
+                if self.conditional:
+                    raise ConfigError(f"{describe(component)['name']!r} is built from the "
+                                      "encoder and cannot be combined with a conditional VAE")
                 component.bind(self)
         # Names under which model/guide register with Pyro's param store; unique per instance
         # so two VAEs never share (or silently swap) parameters through the global store.
@@ -106,6 +128,7 @@ class VAE(nn.Module):
             "guide": guide["name"], "guide_options": guide["options"],
             "encoder": self.encoder_kind, "decoder": self.decoder_kind,
             "hidden": list(self.hidden),
+            "conditional": self.conditional, "num_classes": self.num_classes,
         }
 
     @classmethod
@@ -117,13 +140,28 @@ class VAE(nn.Module):
         return next(itertools.chain(self.parameters(), self.buffers())).device
 
     # -- the two halves as distributions -------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> pyro.distributions.Distribution:
-        """q_φ(z | x) for a batch ``x`` of shape ``[batch, data_dim]``."""
-        return self.guide_family.distribution(self.encoder(x))
+    def one_hot(self, y: torch.Tensor | int | None, batch: int | None = None) -> torch.Tensor | None:
+        """The label context of a conditional VAE (``None`` for an unconditional one)."""
+        if not self.conditional:
+            if y is not None:
+                raise ConfigError("labels y were given to a VAE that is not conditional")
+            return None
+        if y is None:
+            raise ConfigError("a conditional VAE needs labels y")
+        y = torch.as_tensor(y, device=self.device)
+        if y.ndim == 0:
+            y = y.expand(batch or 1)
+        if y.dtype.is_floating_point or bool(((y < 0) | (y >= self.num_classes)).any()):
+            raise ConfigError(f"labels must be integers in 0..{self.num_classes - 1}")
+        return torch.nn.functional.one_hot(y.long(), self.num_classes).to(torch.get_default_dtype())
 
-    def decode(self, z: torch.Tensor) -> pyro.distributions.Distribution:
-        """p_θ(x | z) for latents ``z`` of shape ``[..., latent_dim]``."""
-        return self.likelihood.distribution(self.decoder(z))
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> pyro.distributions.Distribution:
+        """q_φ(z | x[, y]) for a batch ``x`` of shape ``[batch, data_dim]``."""
+        return self.guide_family.distribution(self.encoder(x, self.one_hot(y, x.shape[0])))
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> pyro.distributions.Distribution:
+        """p_θ(x | z[, y]) for latents ``z`` of shape ``[..., latent_dim]``."""
+        return self.likelihood.distribution(self.decoder(z, self.one_hot(y, z.shape[-2] if z.ndim > 1 else 1)))
 
     # -- the Pyro programs ---------------------------------------------------------------------
     def _data_plate(self, x: torch.Tensor, num_data: int | None) -> pyro.plate:
@@ -144,7 +182,7 @@ class VAE(nn.Module):
         pyro.module(f"{self._pyro_name}.likelihood", self.likelihood)
         with self._data_plate(x, num_data):
             z = pyro.sample("z", self.prior.distribution())
-            return pyro.sample("x", self.decode(z), obs=x)
+            return pyro.sample("x", self.decode(z, y), obs=x)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None,
               num_data: int | None = None) -> torch.Tensor:
@@ -152,15 +190,29 @@ class VAE(nn.Module):
         pyro.module(f"{self._pyro_name}.encoder", self.encoder)
         pyro.module(f"{self._pyro_name}.guide_family", self.guide_family)
         with self._data_plate(x, num_data):
-            return pyro.sample("z", self.encode(x))
+            return pyro.sample("z", self.encode(x, y))
 
     # -- conveniences --------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
-        """Decoder means E[x | z] for ``n`` draws z ~ p(z): ``[n, data_dim]``."""
-        return self.decode(self.prior.distribution().sample((n,))).mean
+    def sample(self, n: int, y: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Decoder means E[x | z(, y)] for ``n`` draws z ~ p(z): ``[n, data_dim]``. For a
+        conditional VAE ``y`` fixes the label (an int, or one per sample); by default the
+        labels cycle through the classes."""
+        if self.conditional and y is None:
+            y = torch.arange(n, device=self.device) % self.num_classes
+        return self.decode(self.prior.distribution().sample((n,)), y).mean
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def posterior_mean(self, x: torch.Tensor, y: torch.Tensor | None = None,
+                       samples: int = 256) -> torch.Tensor:
+        """E_q[z | x], in closed form where the guide family has one, else from samples."""
+        q = self.encode(x, y)
+        try:
+            return q.mean
+        except NotImplementedError:
+            return q.sample((samples,)).mean(0)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder means E[x | z = E_q[z|x]]: ``[batch, data_dim]``."""
-        return self.decode(self.encode(x).mean).mean
+        return self.decode(self.posterior_mean(x, y), y).mean
