@@ -10,13 +10,63 @@ Protocol: a prior is an ``nn.Module`` with
   itself as an attribute (it would become a submodule of itself);
 - optionally ``name`` (the registry name) and ``options()`` (keyword arguments that rebuild it),
   so a run that uses it can be saved and restored.
+
+The catalogue (``PRIORS``):
+
+==================  ==========================================================  ===============
+name                p(z)                                                        ``meanfield``
+==================  ==========================================================  ===============
+``normal``          N(0, I)                                                     yes
+``learned-normal``  N(μ, diag σ²), μ and σ trained                              yes
+``laplace``         Π_d Laplace(0, ``scale``)                                   ``normal`` guide
+``studentt``        Π_d StudentT(``df``, 0, 1)                                  no
+``mog``             mixture of ``components`` trained diagonal Gaussians        no
+``vamp``            VampPrior: (1/K) Σ_k q(z | u_k), K = ``components``         no
+``flow``            N(0, I) pushed through ``layers`` trained coupling layers   no
+==================  ==========================================================  ===============
+
+The ``meanfield`` column says with which guides a closed-form KL(q‖p) exists: "yes" means the
+``normal`` and ``full-rank`` guides (not ``flow``). Elsewhere ``meanfield`` refuses; ``elbo``,
+``iwae``, ``renyi``, ``dreg`` and ``stl`` need only log p(z) and work with every prior.
 """
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
+import pyro.distributions.transforms as T
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ..errors import ConfigError
+
+#: Smallest standard deviation a trained scale can reach (keeps log p(z) finite).
+MIN_SCALE = 1e-4
+#: Factor on the initial output weights of a flow prior's coupling networks (near-identity start).
+INITIAL_OUTPUT_SCALE = 0.01
+
+
+def _inverse_softplus(y: float) -> float:
+    """ρ with softplus(ρ) = y (y > 0)."""
+    return y + math.log(-math.expm1(-y))
+
+
+def _positive_int(what: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a positive integer, not {value!r}")
+    return int(value)
+
+
+def _positive_float(what: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a positive number, not {value!r}") from None
+    if isinstance(value, bool) or not (number > 0 and math.isfinite(number)):
+        raise ConfigError(f"{what} must be a positive finite number, not {value!r}")
+    return number
 
 
 class StandardNormal(nn.Module):
@@ -35,5 +85,254 @@ class StandardNormal(nn.Module):
         return {}
 
 
-PRIORS: dict[str, type[nn.Module]] = {"normal": StandardNormal}
+class LearnedNormal(nn.Module):
+    """p(z) = N(μ, diag σ²) with trainable μ (initially 0) and σ = softplus(ρ) + 10⁻⁴
+    (initially 1): N(0, I) at initialisation, with a closed-form KL from a Gaussian guide."""
+
+    name = "learned-normal"
+
+    def setup(self, latent_dim: int) -> None:
+        self.loc = nn.Parameter(torch.zeros(latent_dim))
+        self.raw_scale = nn.Parameter(torch.full((latent_dim,), _inverse_softplus(1.0 - MIN_SCALE)))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return F.softplus(self.raw_scale) + MIN_SCALE
+
+    def distribution(self) -> dist.Distribution:
+        return dist.Normal(self.loc, self.scale).to_event(1)
+
+    def options(self) -> dict:
+        return {}
+
+
+class LaplacePrior(nn.Module):
+    """p(z) = Π_d Laplace(z_d; 0, b), b = ``scale``. The default b = 1/√2 gives each dimension
+    variance 2b² = 1, as under N(0, I), with heavier (exponential) tails and a cusp at 0."""
+
+    name = "laplace"
+
+    def __init__(self, scale: float = 1 / math.sqrt(2)):
+        super().__init__()
+        self.scale_value = _positive_float("laplace prior scale", scale)
+
+    def setup(self, latent_dim: int) -> None:
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.full((latent_dim,), self.scale_value))
+
+    def distribution(self) -> dist.Distribution:
+        return dist.Laplace(self.loc, self.scale).to_event(1)
+
+    def options(self) -> dict:
+        return {"scale": self.scale_value}
+
+
+class StudentTPrior(nn.Module):
+    """p(z) = Π_d StudentT(z_d; ν, 0, 1), ν = ``df`` > 0 (default 5): polynomial tails; the
+    variance ν/(ν − 2) exists for ν > 2 only."""
+
+    name = "studentt"
+
+    def __init__(self, df: float = 5.0):
+        super().__init__()
+        self.df = _positive_float("studentt prior df", df)
+
+    def setup(self, latent_dim: int) -> None:
+        self.register_buffer("df_vector", torch.full((latent_dim,), self.df))
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.ones(latent_dim))
+
+    def distribution(self) -> dist.Distribution:
+        return dist.StudentT(self.df_vector, self.loc, self.scale).to_event(1)
+
+    def options(self) -> dict:
+        return {"df": self.df}
+
+
+class MixtureOfGaussians(nn.Module):
+    """p(z) = Σ_c π_c N(z; μ_c, diag σ_c²), all trained: π = softmax(logits),
+    σ_c = softplus(ρ_c) + 10⁻⁴.
+
+    Initialisation (from the global torch RNG, so seed before building the VAE): equal weights,
+    means μ_c ~ N(0, ¼ I), scales σ = √¾. Each dimension then has variance ¼ + ¾ = 1 in
+    expectation over the draw of the means: close to N(0, I), but with distinct components that
+    training can pull apart.
+    """
+
+    name = "mog"
+
+    def __init__(self, components: int = 10):
+        super().__init__()
+        self.components = _positive_int("mog prior components", components)
+
+    def setup(self, latent_dim: int) -> None:
+        c = self.components
+        self.logits = nn.Parameter(torch.zeros(c))
+        self.locs = nn.Parameter(0.5 * torch.randn(c, latent_dim))
+        self.raw_scales = nn.Parameter(
+            torch.full((c, latent_dim), _inverse_softplus(math.sqrt(0.75) - MIN_SCALE)))
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return F.softplus(self.raw_scales) + MIN_SCALE
+
+    def distribution(self) -> dist.Distribution:
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits),
+                                      dist.Normal(self.locs, self.scales).to_event(1))
+
+    def options(self) -> dict:
+        return {"components": self.components}
+
+
+class _BroadcastingMixture(dist.MixtureSameFamily):
+    """MixtureSameFamily whose log_prob hands its components z already expanded along the
+    component dimension (``[..., K, latent_dim]``) instead of a size-1 dimension there.
+
+    The densities are the same; the difference matters for components that cannot broadcast a
+    size-1 dimension against their K, such as a flow guide's transforms conditioned on a
+    ``[K, context]`` tensor (their autoregressive inverse works on the input's shape)."""
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.unsqueeze(-1 - self._event_ndims)
+        cut = x.dim() - self._event_ndims - 1
+        return x.expand(x.shape[:cut] + (self._num_component,) + x.shape[cut + 1:])
+
+
+class VampPrior(nn.Module):
+    """The VampPrior of Tomczak & Welling (2018): p(z) = (1/K) Σ_k q_φ(z | u_k), the guide's
+    own posterior at K = ``components`` trained pseudo-inputs u_k ∈ R^{data_dim}.
+
+    The pseudo-inputs are created in :meth:`bind`, once the VAE (its encoder and data size)
+    exists, initialised uniformly in [0.25, 0.75] (the middle of the [0, 1] range of image
+    data; from the global torch RNG). Gradients of log p(z) reach both the pseudo-inputs and the
+    encoder (the prior shares φ with the guide). The guide family's distribution at a batch of
+    K inputs must have batch shape [K] and event shape (latent_dim,); every guide in
+    ``POSTERIORS`` qualifies.
+    """
+
+    name = "vamp"
+
+    def __init__(self, components: int = 50):
+        super().__init__()
+        self.components = _positive_int("vamp prior components", components)
+        self.latent_dim: int | None = None
+
+    def setup(self, latent_dim: int) -> None:
+        self.latent_dim = latent_dim
+
+    def bind(self, vae) -> None:
+        # A bound method, not the VAE: storing the VAE as an attribute would make it a
+        # submodule of its own prior. object.__setattr__ keeps nn.Module from inspecting it.
+        object.__setattr__(self, "_encode", vae.encode)
+        guide_name = getattr(vae.guide_family, "name", type(vae.guide_family).__name__)
+        object.__setattr__(self, "_guide_name", guide_name)
+        self.pseudo_inputs = nn.Parameter(0.25 + 0.5 * torch.rand(self.components, vae.data_dim))
+        # Dry run: the guide's distribution must serve as the mixture's components.
+        try:
+            with torch.no_grad():
+                mixture = self.distribution()
+                probe = mixture.log_prob(torch.zeros(2, 3, self.latent_dim))
+            ok = (mixture.batch_shape == () and mixture.event_shape == (self.latent_dim,)
+                  and probe.shape == (2, 3))
+        except ConfigError:
+            raise
+        except Exception:  # any failure of the guide's distribution as a component
+            ok = False
+        if not ok:
+            raise ConfigError(f"the vamp prior cannot use guide {guide_name!r}: its distribution "
+                              "at K pseudo-inputs must have batch shape [K] and event shape "
+                              f"({self.latent_dim},) and score z of shape [..., K, "
+                              f"{self.latent_dim}]")
+
+    def distribution(self) -> dist.Distribution:
+        encode = self.__dict__.get("_encode")
+        if encode is None:
+            raise ConfigError("the vamp prior must be bound to a VAE (VAE(..., prior='vamp') "
+                              "does this) before use")
+        q = encode(self.pseudo_inputs)
+        if q.batch_shape != (self.components,) or q.event_shape != (self.latent_dim,):
+            raise ConfigError(f"the vamp prior cannot use guide {self._guide_name!r}: at "
+                              f"{self.components} pseudo-inputs its distribution has batch shape "
+                              f"{list(q.batch_shape)} and event shape {list(q.event_shape)}, "
+                              f"not [{self.components}] and [{self.latent_dim}]")
+        logits = self.pseudo_inputs.new_zeros(self.components)
+        return _BroadcastingMixture(dist.Categorical(logits=logits), q)
+
+    def options(self) -> dict:
+        return {"components": self.components}
+
+
+class FlowPrior(nn.Module):
+    """p(z): N(0, I) pushed through ``layers`` trained invertible transforms (a RealNVP-style
+    flow; Dinh et al. 2017).
+
+    For latent_dim ≥ 2 each layer is an affine coupling transform (Pyro's ``affine_coupling``,
+    a ``hidden``-``hidden`` ReLU network computing shift and log-scale of the second half of z
+    from the first half), with the dimensions reversed between layers so that every dimension is
+    transformed. Both sampling and log p(z) are single parallel passes.
+
+    For latent_dim = 1 coupling is impossible (there is no "other half" to condition on); each
+    layer is then an elementwise monotone rational-quadratic spline (Pyro's ``Spline``, 8 bins
+    on [−3, 3], identity outside; Durkan et al. 2019), and ``hidden`` is unused.
+
+    Initialisation: every layer starts at (coupling: close to) the identity map, so the prior
+    starts as (nearly) N(0, I): the coupling networks' output weights are scaled by
+    ``INITIAL_OUTPUT_SCALE`` and their output biases zeroed; splines start with equal bins and
+    unit slopes. Their other weights use Pyro's (global-RNG) initialisation.
+    """
+
+    name = "flow"
+
+    def __init__(self, layers: int = 4, hidden: int = 64):
+        super().__init__()
+        self.layers = _positive_int("flow prior layers", layers)
+        self.hidden = _positive_int("flow prior hidden", hidden)
+
+    def setup(self, latent_dim: int) -> None:
+        self.latent_dim = latent_dim
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.ones(latent_dim))
+        self.register_buffer("reverse", torch.arange(latent_dim - 1, -1, -1), persistent=False)
+        make = self._spline if latent_dim == 1 else self._coupling
+        self.transforms = nn.ModuleList(make(latent_dim) for _ in range(self.layers))
+
+    def _coupling(self, latent_dim: int) -> T.AffineCoupling:
+        transform = T.affine_coupling(latent_dim, hidden_dims=[self.hidden, self.hidden])
+        output = transform.nn.layers[-1]
+        with torch.no_grad():  # near the identity: shift ≈ 0, log-scale ≈ 0
+            output.weight.mul_(INITIAL_OUTPUT_SCALE)
+            output.bias.zero_()
+        return transform
+
+    @staticmethod
+    def _spline(latent_dim: int) -> T.Spline:
+        transform = T.Spline(latent_dim, count_bins=8, bound=3.0, order="quadratic")
+        with torch.no_grad():  # the identity: equal bins, unit slopes at the knots
+            transform.unnormalized_widths.zero_()
+            transform.unnormalized_heights.zero_()
+            transform.unnormalized_derivatives.fill_(_inverse_softplus(1.0 - 1e-3))
+        return transform
+
+    def distribution(self) -> dist.Distribution:
+        chain: list = []
+        for i, transform in enumerate(self.transforms):
+            if i and self.latent_dim > 1:
+                chain.append(T.Permute(self.reverse))
+            chain.append(transform)
+        base = dist.Normal(self.loc, self.scale).to_event(1)
+        return dist.TransformedDistribution(base, chain)
+
+    def options(self) -> dict:
+        return {"layers": self.layers, "hidden": self.hidden}
+
+
+PRIORS: dict[str, type[nn.Module]] = {
+    "normal": StandardNormal,
+    "learned-normal": LearnedNormal,
+    "laplace": LaplacePrior,
+    "studentt": StudentTPrior,
+    "mog": MixtureOfGaussians,
+    "vamp": VampPrior,
+    "flow": FlowPrior,
+}
 PROTOCOL = ("setup", "distribution")
