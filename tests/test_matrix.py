@@ -51,7 +51,7 @@ def test_combination_trains_with_every_objective(batches, prior, likelihood, gui
         for step in range(3):
             with pyro.validation_enabled(step == 0):
                 loss = loss_fn(x, num_data=100)
-            assert math.isfinite(float(loss)), (objective, step)
+            assert math.isfinite(float(loss.detach())), (objective, step)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
