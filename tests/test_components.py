@@ -148,3 +148,16 @@ def test_impossible_combinations_fail_fast_in_one_line(digits, tmp_path):
     message = _refused_before_training(tmp_path, VAE(digits.data_shape, 2, prior="vamp", **small),
                                        digits, "meanfield")
     assert "meanfield" in message and "elbo" in message
+
+
+def test_readme_component_example_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = readme.split("**Your own component.**")[1].split("```python")[1].split("```")[0]
+    namespace: dict = {}
+    exec(example.replace('"logistic"', '"readme-example-logistic"'), namespace)
+    vae = namespace["vae"]
+    trace = pyro.poutine.trace(vae.model).get_trace(torch.rand(5, 64))
+    assert trace.nodes["z"]["fn"].log_prob(trace.nodes["z"]["value"]).shape == (5,)
+    assert math.isfinite(float(trace.log_prob_sum().detach()))
