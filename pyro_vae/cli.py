@@ -210,6 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="print a JSON list of rows")
     compare.add_argument("--plot", metavar="FILE.png", help="write bound and SNR against K")
 
+    explore = commands.add_parser(
+        "explore", help="interpolation, traversals, anomalies, latent scatter and a probe",
+        description="Write the figures of the VAE applications for a trained run and print "
+                    "the probe accuracy and the most anomalous datapoints.")
+    explore.add_argument("run_dir", metavar="RUN_DIR")
+    explore.add_argument("--out", metavar="DIR", help="where the figures go (default RUN_DIR/explore)")
+    explore.add_argument("--data", metavar="NAME|PATH", help="default: the run's data")
+    explore.add_argument("--split", choices=SPLITS, default="test")
+    explore.add_argument("--particles", type=_positive_int, default=1000, metavar="K",
+                         help="importance samples for the anomaly scores (default 1000)")
+    explore.add_argument("--top", type=_positive_int, default=32, metavar="N",
+                         help="anomalies to show (default 32)")
+    explore.add_argument("--json", action="store_true", help="print one JSON object")
+
     sample = commands.add_parser("sample", help="decoder means for z drawn from the prior")
     sample.add_argument("run_dir", metavar="RUN_DIR")
     sample.add_argument("--n", type=_positive_int, default=64)
@@ -426,6 +440,57 @@ def cmd_compare_estimators(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explore(args: argparse.Namespace) -> int:
+    from . import applications
+    from .runs import load_run
+    from .training import check_compatible, labels_for
+
+    run = load_run(args.run_dir)
+    dataset = run.data(args.data)
+    check_compatible(run.vae, dataset)
+    out = Path(args.out).expanduser() if args.out else run.path / "explore"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    x = dataset.split(args.split)
+    if x.shape[0] < 2:
+        raise ConfigError(f"split {args.split!r} has fewer than 2 datapoints")
+    labels = labels_for(run.vae, dataset, args.split)
+    y_pair = None if labels is None else (labels[0], labels[1])
+    figures = {
+        "interpolation.png": applications.interpolate(run.vae, x[0], x[1], y=y_pair).figure,
+        "traversals.png": applications.traverse(
+            run.vae, x[0], y=None if labels is None else labels[0]).figure,
+        "latent_scatter.png": applications.latent_scatter(run.vae, dataset, args.split).figure,
+        "reconstructions.png": applications.reconstructions(run.vae, x, labels).figure,
+    }
+    anomalies = applications.anomaly_scores(run.vae, dataset, args.split,
+                                            particles=args.particles, top=args.top)
+    figures["anomalies.png"] = anomalies.figure
+    summary: dict[str, Any] = {
+        "run": str(run.path), "split": args.split,
+        "most_anomalous": [{"index": int(i), "nll": float(anomalies.nll[i])}
+                           for i in anomalies.ranking[: min(args.top, 10)]],
+    }
+    if dataset.split_labels("train") is not None and dataset.split_labels("test") is not None:
+        probe = applications.representation_probe(run.vae, dataset)
+        figures["probe.png"] = probe.figure
+        summary["probe_accuracy"], summary["probe_chance"] = probe.accuracy, probe.chance
+    out.mkdir(parents=True, exist_ok=True)
+    for name, figure in figures.items():
+        figure.savefig(out / name, dpi=100)
+    summary["figures"] = [str(out / name) for name in figures]
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        if "probe_accuracy" in summary:
+            print(f"probe: logistic regression on E_q[z|x] reaches {summary['probe_accuracy']:.3f} "
+                  f"test accuracy (majority class: {summary['probe_chance']:.3f})")
+        print("most anomalous (index in split, −log p̂(x) in nats): " + ", ".join(
+            f"{row['index']}: {row['nll']:.1f}" for row in summary["most_anomalous"]))
+        print(f"figures: {out}/ ({', '.join(figures)})")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -460,7 +525,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
-            "compare-estimators": cmd_compare_estimators}
+            "compare-estimators": cmd_compare_estimators, "explore": cmd_explore}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
