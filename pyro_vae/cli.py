@@ -210,6 +210,30 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="print a JSON list of rows")
     compare.add_argument("--plot", metavar="FILE.png", help="write bound and SNR against K")
 
+    diagnose = commands.add_parser(
+        "diagnose", help="PSIS k̂, active units, KL per dimension; writes diagnostics.nc",
+        description="Diagnose a trained run: Pareto k̂ of the importance weights per datapoint "
+                    "(Yao et al. 2018), active units, KL per latent dimension and posterior "
+                    "collapse; the ArviZ InferenceData goes to RUN_DIR/diagnostics.nc.")
+    diagnose.add_argument("run_dir", metavar="RUN_DIR")
+    diagnose.add_argument("--data", metavar="NAME|PATH", help="default: the run's data")
+    diagnose.add_argument("--split", choices=SPLITS, default="test")
+    diagnose.add_argument("--particles", type=_positive_int, default=1000, metavar="K")
+    diagnose.add_argument("--seed", type=_integer, default=0, metavar="S")
+    diagnose.add_argument("--json", action="store_true", help="print one JSON object")
+
+    compare_runs = commands.add_parser(
+        "compare", help="held-out comparison of two runs with a standard error",
+        description="Paired per-datapoint log-likelihood estimates of two runs on the same "
+                    "datapoints: the difference, its standard error and an elpd-style table.")
+    compare_runs.add_argument("run_a", metavar="RUN_A")
+    compare_runs.add_argument("run_b", metavar="RUN_B")
+    compare_runs.add_argument("--data", metavar="NAME|PATH", help="default: RUN_A's data")
+    compare_runs.add_argument("--split", choices=SPLITS, default="test")
+    compare_runs.add_argument("--particles", type=_positive_int, default=1000, metavar="K")
+    compare_runs.add_argument("--seed", type=_integer, default=0, metavar="S")
+    compare_runs.add_argument("--json", action="store_true", help="print one JSON object")
+
     explore = commands.add_parser(
         "explore", help="interpolation, traversals, anomalies, latent scatter and a probe",
         description="Write the figures of the VAE applications for a trained run and print "
@@ -440,6 +464,40 @@ def cmd_compare_estimators(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .diagnostics import diagnose
+    from .runs import load_run
+    from .training import check_compatible
+
+    run = load_run(args.run_dir)
+    dataset = run.data(args.data)
+    check_compatible(run.vae, dataset)
+    diagnosis = diagnose(run.vae, dataset, split=args.split, particles=args.particles,
+                         seed=args.seed, run_dir=run.path)
+    print(json.dumps(diagnosis.summary()) if args.json else diagnosis.format())
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .comparison import compare_runs
+    from .runs import load_run
+    from .training import check_compatible
+
+    run_a, run_b = load_run(args.run_a), load_run(args.run_b)
+    dataset = run_a.data(args.data)
+    for run in (run_a, run_b):
+        check_compatible(run.vae, dataset)
+    names = (run_a.path.name, run_b.path.name)
+    if names[0] == names[1]:
+        names = (str(run_a.path), str(run_b.path))
+    if names[0] == names[1]:
+        names = (f"{names[0]} (A)", f"{names[1]} (B)")
+    comparison = compare_runs(run_a.vae, run_b.vae, dataset, split=args.split,
+                              particles=args.particles, seed=args.seed, names=names)
+    print(json.dumps(comparison.summary()) if args.json else comparison.format())
+    return 0
+
+
 def cmd_explore(args: argparse.Namespace) -> int:
     from . import applications
     from .runs import load_run
@@ -525,7 +583,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
-            "compare-estimators": cmd_compare_estimators, "explore": cmd_explore}
+            "compare-estimators": cmd_compare_estimators, "explore": cmd_explore,
+            "diagnose": cmd_diagnose, "compare": cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

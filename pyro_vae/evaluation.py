@@ -72,6 +72,17 @@ class Evaluation:
         }
 
 
+def particle_chunk(vae, batch: int, particles: int) -> int:
+    """Particles per pass so that one activation tensor stays under ``_CHUNK_FLOATS`` floats.
+
+    The widest activation per particle and datapoint is the decoder output (a categorical
+    likelihood emits levels × data_dim logits), a hidden layer, or z.
+    """
+    width = max(2 * vae.likelihood.decoder_outputs(vae.data_dim), *(vae.hidden or (0,)),
+                vae.latent_dim)
+    return max(1, min(particles, _CHUNK_FLOATS // (batch * width)))
+
+
 def _posterior_mean(vae, x, y, particle_mean: torch.Tensor) -> torch.Tensor:
     """E_q[z|x]: closed form where the guide has one, else the mean of the K particles."""
     try:
@@ -107,10 +118,6 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
     device = vae.device
     x_all = x_all.to(device)
     labels = None if labels is None else labels.to(device)
-    # widest activation per particle and datapoint: the decoder output (a categorical
-    # likelihood emits levels × data_dim logits), a hidden layer, or z
-    width = max(2 * vae.likelihood.decoder_outputs(vae.data_dim), *(vae.hidden or (0,)),
-                vae.latent_dim)
     was_training = vae.training
     vae.eval()
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in
@@ -123,7 +130,7 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
             for start in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
                 x = x_all[start:start + batch_size]
                 y = None if labels is None else labels[start:start + batch_size]
-                chunk = max(1, min(particles, _CHUNK_FLOATS // (x.shape[0] * width)))
+                chunk = particle_chunk(vae, x.shape[0], particles)
                 lse_w = torch.full((x.shape[0],), -math.inf, device=device)
                 lse_2w = lse_w.clone()
                 sum_w = torch.zeros(x.shape[0], device=device)
