@@ -12,6 +12,12 @@ import torch.nn.functional as F
 from pyro_vae import VAE
 
 
+def pytest_configure(config):
+    # The test models are tiny: one thread is faster than two and is not slowed down by
+    # other processes competing for the same cores (thread oversubscription).
+    torch.set_num_threads(1)
+
+
 @dataclass
 class LinearGaussian:
     """x = μ + W z + σ ε with z ~ N(0, I): log p(x) = log N(x; μ, WWᵀ + σ²I) and
