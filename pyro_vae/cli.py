@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, metavar="B")
     train.add_argument("--lr", type=_positive_float, metavar="LR")
     train.add_argument("--out", metavar="DIR", help="run directory (default: runs/<data>-<objective>-<time>)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue RUN_DIR from its checkpoint (with --epochs: up to that many)")
     train.add_argument("--eval-particles", type=_non_negative_int, metavar="K",
                        help="K for the final test log-likelihood (0 skips it; default 1000)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -314,6 +316,25 @@ def _likelihood_options(options: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _resume(args: argparse.Namespace) -> int:
+    from .training import resume
+
+    allowed = {"resume", "epochs", "device", "quiet", "eval_particles", "command"}
+    given = sorted(name for name, value in vars(args).items()
+                   if value is not None and name not in allowed and value is not False)
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} cannot change a resumed run "
+                          "(only --epochs and --device can)")
+    started = time.perf_counter()
+    result = resume(args.resume, epochs=args.epochs, device=args.device or "auto",
+                    progress=not args.quiet)
+    last = result.history[-1]
+    print(f"resumed and trained to epoch {last['epoch']} in {time.perf_counter() - started:.1f} s; "
+          f"validation ELBO {last['val_elbo']:.3f} nats per datapoint")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
 def _build(options: dict[str, Any]):
     """The data set and a freshly initialised VAE (seeded) described by ``options``."""
     import pyro
@@ -340,6 +361,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
     from .training import fit
 
+    if args.resume:
+        return _resume(args)
     options = _train_options(args)
     dataset, vae = _build(options)
     out = options["out"] or (f"runs/{Path(dataset.name).stem}-{options['objective']}-"
@@ -588,6 +611,8 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .training import TrainingInterrupted
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -595,6 +620,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PyroVAEError as exc:
         print(f"pyro-vae {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingInterrupted as exc:
+        print(f"pyro-vae {args.command}: interrupted by {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

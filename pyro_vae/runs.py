@@ -21,6 +21,8 @@ from .errors import PyroVAEError
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.pt"
 METRICS_FILE = "metrics.jsonl"
+#: The full training state (model, optimizer, RNG, position in the epoch) for ``--resume``.
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class RunError(PyroVAEError):
@@ -71,10 +73,42 @@ def save_weights(run_dir: Path, vae: torch.nn.Module) -> None:
     _atomic_write(run_dir / WEIGHTS_FILE, lambda s: torch.save(state, s))
 
 
+def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write the training state atomically: a crash mid-write leaves the previous one intact."""
+    _atomic_write(run_dir / CHECKPOINT_FILE, lambda s: torch.save(state, s))
+
+
+def _safe_load(path: Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers: no pickled code ever runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the unpickler's refusals come in many exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunError(f"{path} cannot be loaded safely (only tensors and plain containers are "
+                       f"accepted): {first}") from None
+
+
+def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir).expanduser() / CHECKPOINT_FILE
+    if not path.exists():
+        raise RunError(f"{run_dir} has no {CHECKPOINT_FILE} to resume from")
+    checkpoint = _safe_load(path)
+    required = {"model", "optimizer", "rng", "epoch", "position", "step", "order", "loss_sum"}
+    if not isinstance(checkpoint, dict) or not required <= set(checkpoint):
+        raise RunError(f"{path} is not a pyro-vae checkpoint")
+    return checkpoint
+
+
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
     with (run_dir / METRICS_FILE).open("a") as stream:
         stream.write(json.dumps(row) + "\n")
         stream.flush()
+
+
+def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace ``metrics.jsonl`` (atomically) with ``rows``."""
+    text = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    _atomic_write(Path(run_dir) / METRICS_FILE, lambda s: s.write(text))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -124,11 +158,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     except (TypeError, PyroVAEError) as exc:
         raise RunError(f"{config_path} is not a valid run configuration "
                        f"(cannot rebuild the model: {exc})") from None
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # the unpickler's refusals come in many exception types
-        raise RunError(f"{weights_path} cannot be loaded safely: "
-                       f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    state = _safe_load(weights_path)
+    if not isinstance(state, dict):
+        raise RunError(f"{weights_path} does not hold a state_dict")
     try:
         vae.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:

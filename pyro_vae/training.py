@@ -12,8 +12,11 @@ three choices that make it fast (DESIGN §6):
 
 from __future__ import annotations
 
+import errno
 import math
 import shutil
+import signal
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -28,6 +31,7 @@ from . import runs
 from .data import Dataset, from_array, load_data
 from .errors import ConfigError, PyroVAEError
 from .evaluation import evaluate
+from .log_weights import log_weights
 from .objectives import DEFAULT_PARTICLES, OBJECTIVES, make_objective
 
 
@@ -132,6 +136,19 @@ def labels_for(vae, dataset: Dataset, split: str) -> torch.Tensor | None:
     return dataset.split_labels(split) if vae.conditional else None
 
 
+def _check_free_space(vae, run_dir: Path, created: bool) -> None:
+    """Refuse to start when the run directory's disk cannot hold a few checkpoints."""
+    parameter_bytes = sum(p.numel() * p.element_size() for p in vae.parameters())
+    # weights + checkpoint (weights and two Adam moments), twice during an atomic rewrite
+    needed = 8 * parameter_bytes + (16 << 20)
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise runs.RunError(f"not enough free disk space in {run_dir}: {free >> 20} MiB free, "
+                            f"about {needed >> 20} MiB needed for checkpoints")
+
+
 def dry_run(vae, objective, dataset: Dataset) -> None:
     """Score two training datapoints with validation on: a combination that cannot work
     (meanfield without a closed-form KL, free bits with a non-factorized guide, …) fails here,
@@ -195,13 +212,16 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor, objective: str = "elbo",
     }
     existed = out is not None and Path(out).expanduser().exists()
     run_dir = runs.prepare_run_dir(out) if out is not None else None
+    if run_dir is not None:
+        _check_free_space(vae, run_dir, created=not existed)
     try:
         if run_dir is not None:
             runs.write_config(run_dir, full_config)
         history = _train(vae, dataset, config, loss_fn, torch_device, run_dir, progress)
     except BaseException:
-        if run_dir is not None and not runs.read_metrics(run_dir):
-            # Nothing worth keeping (no epoch ended): leave no half-written run behind.
+        if (run_dir is not None and not runs.read_metrics(run_dir)
+                and not (run_dir / runs.CHECKPOINT_FILE).exists()):
+            # Nothing worth keeping (no epoch ended, no checkpoint): leave no half-written run.
             for child in run_dir.iterdir() if existed else ():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
             if not existed:
@@ -212,9 +232,88 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor, objective: str = "elbo",
     return FitResult(vae=vae, history=history, config=full_config, run_dir=run_dir)
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived during training; the state at that step was checkpointed."""
+
+
+@dataclass
+class _LoopState:
+    """Everything that makes a run continue exactly where it stopped (see ``checkpoint.pt``)."""
+
+    epoch: int = 1                        # the epoch in progress (or about to start)
+    position: int = 0                     # datapoints of that epoch already consumed
+    step: int = 0                         # optimizer steps taken so far
+    order: torch.Tensor | None = None     # this epoch's permutation, while it is in progress
+    loss_sum: float = 0.0                 # the epoch's weighted loss so far
+
+
+def _state_dict(vae, optimizer, state: _LoopState, order_generator: torch.Generator) -> dict:
+    device = vae.device
+    rng = {"torch": torch.get_rng_state(), "order": order_generator.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return {"model": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "rng": rng, "epoch": state.epoch,
+            "position": state.position, "step": state.step,
+            "order": None if state.order is None else state.order.cpu(),
+            "loss_sum": state.loss_sum}
+
+
+def _load_state(checkpoint: dict, vae, optimizer, order_generator: torch.Generator) -> _LoopState:
+    vae.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    order_generator.set_state(checkpoint["rng"]["order"])
+    if "cuda" in checkpoint["rng"] and vae.device.type == "cuda":
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], vae.device)
+    order = checkpoint["order"]
+    return _LoopState(epoch=int(checkpoint["epoch"]), position=int(checkpoint["position"]),
+                      step=int(checkpoint["step"]),
+                      order=None if order is None else order.to(vae.device),
+                      loss_sum=float(checkpoint["loss_sum"]))
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a request that the loop honours after the current step."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _nonfinite_term(vae, x, y, num_data: int) -> str:
+    """Which term of the bound is not finite at the current parameters (for the stop message)."""
+    if any(not bool(torch.isfinite(p).all()) for p in vae.parameters()):
+        return "the parameters became non-finite (the optimizer step diverged)"
+    with torch.no_grad():
+        weights = log_weights(vae.model, vae.guide, x, y, num_data=num_data)
+    for name, term in (("log p(x|z)", weights.log_likelihood), ("log p(z)", weights.log_prior),
+                       ("log q(z|x)", weights.log_guide)):
+        if not bool(torch.isfinite(term).all()):
+            return f"the term {name} is not finite"
+    return "every term is finite again at the current parameters (a transient overflow)"
+
+
 def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: torch.device,
-           run_dir: Path | None, progress: bool) -> list[dict[str, Any]]:
-    """The epoch loop; returns the per-epoch metrics."""
+           run_dir: Path | None, progress: bool, checkpoint: dict | None = None,
+           history: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The epoch loop; returns the per-epoch metrics. With ``checkpoint`` it continues a run
+    exactly where the checkpoint left it."""
     pyro.set_rng_seed(config.seed)
     vae.to(torch_device)
     dataset = dataset.to(torch_device)
@@ -224,28 +323,36 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
     loss_module = loss_fn(vae.model, vae.guide)
     order_generator = torch.Generator().manual_seed(config.seed)
+    state = _LoopState() if checkpoint is None else _load_state(checkpoint, vae, optimizer,
+                                                                order_generator)
+    history = list(history or [])
     steps_per_epoch = math.ceil(num_data / config.batch_size)
-    history: list[dict[str, Any]] = []
-    step = 0
     started = time.perf_counter()
-    bar = tqdm(total=config.epochs * steps_per_epoch, disable=not progress, unit="step",
-               desc=f"train {config.objective}", dynamic_ncols=True)
+    bar = tqdm(total=config.epochs * steps_per_epoch, initial=state.step, disable=not progress,
+               unit="step", desc=f"train {config.objective}", dynamic_ncols=True)
+
+    def save_checkpoint() -> None:
+        if run_dir is not None:
+            runs.save_checkpoint(run_dir, _state_dict(vae, optimizer, state, order_generator))
+
+    validate_next = True  # validate the first step of this process, then run fast
     try:
-        # A diverging loss is reported once, by the check below, not by Pyro's warning per step.
-        with pyro.validation_enabled(False), warnings.catch_warnings():
+        # A diverging loss is reported once, by the checks below, not by Pyro's warning per step.
+        with pyro.validation_enabled(False), warnings.catch_warnings(), _StopRequest() as stop:
             warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
-            for epoch in range(1, config.epochs + 1):
+            while state.epoch <= config.epochs:
                 epoch_start = time.perf_counter()
-                order = torch.randperm(num_data, generator=order_generator).to(torch_device)
-                loss_sum = torch.zeros((), device=torch_device)
-                for start in range(0, num_data, config.batch_size):
-                    batch = order[start:start + config.batch_size]
+                if state.order is None:
+                    state.order = torch.randperm(num_data, generator=order_generator).to(torch_device)
+                    state.position, state.loss_sum = 0, 0.0
+                loss_sum = torch.tensor(state.loss_sum, device=torch_device)
+                while state.position < num_data:
+                    batch = state.order[state.position:state.position + config.batch_size]
                     x = train[batch]
                     y = None if train_labels is None else train_labels[batch]
                     if config.anneal_steps:
-                        loss_fn.beta = config.beta * min(1.0, step / config.anneal_steps)
-                    if step == 0:
-                        # Validate the very first step (arguments, supports, shapes), then run fast.
+                        loss_fn.beta = config.beta * min(1.0, state.step / config.anneal_steps)
+                    if validate_next:
                         with pyro.validation_enabled(True):
                             try:
                                 loss = loss_module(x, y, num_data=num_data)
@@ -254,37 +361,106 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                                     raise
                                 first = str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
                                 raise TrainingError(f"the first training step failed: {first}") from exc
+                        validate_next = False
                     else:
                         loss = loss_module(x, y, num_data=num_data)
+                    # Every log_every steps the loss is read back (the only host sync), before
+                    # the optimizer step, so a divergence is caught with the parameters intact.
+                    if (state.step + 1) % config.log_every == 0 or state.step == 0:
+                        value = float(loss.detach()) / num_data
+                        if not math.isfinite(value):
+                            state.step += 1
+                            raise TrainingError(_divergence_message(
+                                value, state, _nonfinite_term(vae, x, y, num_data), run_dir))
+                        bar.set_postfix(loss=f"{value:.3f}", epoch=state.epoch, refresh=False)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     # The loss estimates the data set's total; weight by this batch's share.
                     loss_sum += loss.detach() * (x.shape[0] / num_data)
-                    step += 1
-                    if step % config.log_every == 0 or step == 1:
-                        value = float(loss.detach()) / num_data
-                        if not math.isfinite(value):
-                            raise TrainingError(f"the loss became {value} at step {step} "
-                                                f"(epoch {epoch}); try a smaller --lr")
-                        bar.set_postfix(loss=f"{value:.3f}", epoch=epoch, refresh=False)
+                    state.position += x.shape[0]
+                    state.step += 1
                     bar.update(1)
+                    if stop.signal_name is not None:
+                        state.loss_sum = float(loss_sum)
+                        save_checkpoint()
+                        raise TrainingInterrupted(
+                            f"{stop.signal_name} at epoch {state.epoch}, step {state.step}"
+                            + (f"; checkpoint saved; resume with: pyro-vae train --resume {run_dir}"
+                               if run_dir is not None else "; no run directory, nothing saved"))
                 train_loss = float(loss_sum) / num_data
                 if not math.isfinite(train_loss):
-                    raise TrainingError(f"the loss became {train_loss} in epoch {epoch}; "
-                                        "try a smaller --lr")
-                val = evaluate(vae, dataset, split="val", particles=config.val_particles, seed=epoch)
-                row = {"epoch": epoch, "step": step, "train_loss": train_loss, "beta": loss_fn.beta,
-                       "val_elbo": val.summary["elbo"], "val_elbo_se": val.summary["elbo_se"],
+                    raise TrainingError(_divergence_message(
+                        train_loss, state, _nonfinite_term(vae, x, y, num_data), run_dir))
+                val = evaluate(vae, dataset, split="val", particles=config.val_particles,
+                               seed=state.epoch)
+                row = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss,
+                       "beta": loss_fn.beta, "val_elbo": val.summary["elbo"],
+                       "val_elbo_se": val.summary["elbo_se"],
                        "epoch_time_s": time.perf_counter() - epoch_start,
                        "elapsed_s": time.perf_counter() - started}
                 history.append(row)
+                state.epoch, state.order, state.position, state.loss_sum = state.epoch + 1, None, 0, 0.0
                 if run_dir is not None:
                     runs.append_metrics(run_dir, row)
                     runs.save_weights(run_dir, vae)
+                    save_checkpoint()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TrainingError(f"the disk is full ({exc.filename or run_dir}); the last complete "
+                                "checkpoint is kept") from None
+        raise
     finally:
         bar.close()
     return history
+
+
+def _divergence_message(value: float, state: _LoopState, term: str, run_dir: Path | None) -> str:
+    kept = (f"; the last good checkpoint (end of epoch {state.epoch - 1}) is kept in {run_dir}"
+            if run_dir is not None and state.epoch > 1 else "")
+    return (f"the loss became {value} at step {state.step} (epoch {state.epoch}): {term}{kept}; "
+            "try a smaller --lr")
+
+
+def resume(run_dir: str | Path, epochs: int | None = None, device: str = "auto",
+           progress: bool = True) -> FitResult:
+    """Continue the run in ``run_dir`` from its ``checkpoint.pt`` (up to ``epochs`` in all,
+    default: the run's own). On the same device with the same software the result is exactly
+    that of an uninterrupted run: model, optimizer, random-number and epoch-position state are
+    all restored."""
+    run = runs.load_run(run_dir)
+    checkpoint = runs.load_checkpoint(run.path)
+    training = dict(run.config.get("training", {}))
+    try:
+        config = TrainConfig(**training)
+    except TypeError as exc:
+        raise runs.RunError(f"{run.path}: the training configuration is not valid ({exc})") from None
+    if epochs is not None:
+        config.epochs = epochs
+    config.device = str(device)
+    config.validate()
+    finished = int(checkpoint["epoch"]) - 1
+    if config.epochs <= finished:
+        raise ConfigError(f"{run.path} has already trained {finished} epochs; ask for more "
+                          f"with --epochs (more than {finished})")
+    data_name = run.config.get("data", {}).get("name")
+    if data_name in (None, "tensor", "array"):
+        raise runs.RunError(f"{run.path} was trained on in-memory data; it cannot be resumed "
+                            "from the command line (call fit with the same data instead)")
+    dataset = load_data(data_name)
+    vae = run.vae
+    check_compatible(vae, dataset)
+    loss_fn = make_objective(config.objective, config.particles, config.beta,
+                             free_bits=config.free_bits, alpha=config.alpha)
+    torch_device = resolve_device(config.device)
+    history = [row for row in run.history if row["epoch"] <= finished]
+    runs.write_metrics(run.path, history)  # drop a row written after the checkpoint, if any
+    full_config = {**run.config, "training": asdict(config)}
+    runs.write_config(run.path, full_config)
+    history = _train(vae, dataset, config, loss_fn, torch_device, run.path, progress,
+                     checkpoint=checkpoint, history=history)
+    write_figures(vae, dataset.to(torch_device), history, run.path)
+    return FitResult(vae=vae, history=history, config=full_config, run_dir=run.path)
 
 
 def write_figures(vae, dataset: Dataset, history: list[dict], run_dir: Path) -> None:

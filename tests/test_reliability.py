@@ -1,0 +1,170 @@
+"""Checkpoints, exact resume, interrupts, divergence and safe loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections import namedtuple
+
+import pyro
+import pytest
+import torch
+
+import pyro_vae
+from pyro_vae import VAE, fit, load_data, load_run
+from pyro_vae.models.likelihoods import Bernoulli
+from pyro_vae.runs import RunError, load_checkpoint
+from pyro_vae.training import TrainingError, resume
+
+TINY = dict(latent_dim=2, hidden=(32,))
+
+
+def _metrics(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.endswith("_s")} for row in rows]
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "weights.pt", weights_only=True)
+
+
+def _same_weights(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _fit(digits, out, epochs):
+    pyro.set_rng_seed(0)
+    vae = VAE(digits.data_shape, **TINY)
+    return fit(vae, digits, "iwae", particles=3, epochs=epochs, out=out, progress=False,
+               device="cpu")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits")
+
+
+def test_resume_is_bit_for_bit_equal_to_an_uninterrupted_run(digits, tmp_path):
+    _fit(digits, tmp_path / "straight", 4)
+    _fit(digits, tmp_path / "resumed", 2)
+    assert load_checkpoint(tmp_path / "resumed")["epoch"] == 3
+    resume(tmp_path / "resumed", epochs=4, device="cpu", progress=False)
+    assert _metrics(tmp_path / "straight") == _metrics(tmp_path / "resumed")
+    assert _same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "resumed"))
+    with pytest.raises(pyro_vae.PyroVAEError, match="already trained 4 epochs"):
+        resume(tmp_path / "resumed", epochs=4, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_epoch_checkpoints_and_the_resumed_run_matches(tmp_path, signum):
+    epochs = "40"
+    common = ["--epochs", epochs, "--hidden", "32", "--latent-dim", "2", "--quiet",
+              "--eval-particles", "0", "--batch-size", "16"]
+    command = [sys.executable, "-m", "pyro_vae.cli", "train"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    subprocess.run(command + common + ["--out", str(straight)], check=True, capture_output=True)
+
+    process = subprocess.Popen(command + common + ["--out", str(interrupted)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = interrupted / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert err.strip().count("\n") == 0 and "resume with: pyro-vae train --resume" in err
+    assert signal.Signals(signum).name in err
+    checkpoint = load_checkpoint(interrupted)
+    finished = len(_metrics(interrupted))
+    assert 2 <= finished < int(epochs)
+    assert checkpoint["epoch"] == finished + 1  # the epoch in progress, at its position
+
+    subprocess.run(command[:-1] + ["train", "--resume", str(interrupted), "--quiet"], check=True,
+                   capture_output=True)
+    assert _metrics(straight) == _metrics(interrupted)
+    assert _same_weights(_weights(straight), _weights(interrupted))
+
+
+class _FailingBernoulli(Bernoulli):
+    """Scores NaN from its ``fail_after``-th call on: a divergence injected mid-run."""
+
+    name = "bernoulli"  # restores as a plain Bernoulli
+
+    def __init__(self, fail_after: int):
+        super().__init__()
+        self.calls, self.fail_after = 0, fail_after
+
+    def distribution(self, decoder_output):
+        self.calls += 1
+        if self.calls > self.fail_after:
+            decoder_output = decoder_output * float("nan")
+        return super().distribution(decoder_output)
+
+
+def test_a_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_good_checkpoint(digits, tmp_path):
+    pyro.set_rng_seed(0)
+    steps_per_epoch = -(-len(digits.train) // 128)
+    # calls: 1 dry run + per epoch: steps + 1 validation pass (+ a re-score when it fails)
+    likelihood = _FailingBernoulli(fail_after=1 + 2 * (steps_per_epoch + 1) + 3)
+    vae = VAE(digits.data_shape, likelihood=likelihood, **TINY)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError) as info:
+        fit(vae, digits, "elbo", epochs=5, log_every=1, out=out, progress=False, device="cpu")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "the loss became nan at step" in message and "(epoch 3)" in message
+    assert "log p(x|z)" in message and "end of epoch 2" in message
+    checkpoint = load_checkpoint(out)
+    assert checkpoint["epoch"] == 3 and checkpoint["position"] == 0
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+    assert len(_metrics(out)) == 2
+    assert torch.isfinite(load_run(out).vae.decoder.net[0].weight).all()
+
+
+Payload = namedtuple("Payload", "path")
+
+
+class _Malicious:
+    """Unpickling this runs code: it would create ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_no_code_runs(digits, tmp_path):
+    _fit(digits, tmp_path / "run", 1)
+    marker = tmp_path / "code-ran"
+    for name in ("weights.pt", "checkpoint.pt"):
+        target = tmp_path / "run" / name
+        original = target.read_bytes()
+        torch.save({"model": _Malicious(marker)}, target, pickle_protocol=2)
+        with pytest.raises(RunError, match="cannot be loaded safely"):
+            load_run(tmp_path / "run") if name == "weights.pt" else load_checkpoint(tmp_path / "run")
+        assert not marker.exists()
+        # the same bytes through plain pickle would have run the payload (the test is real)
+        target.write_bytes(original)
+    with open(tmp_path / "plain.pkl", "wb") as handle:
+        pickle.dump(_Malicious(marker), handle)
+    with open(tmp_path / "plain.pkl", "rb") as handle:
+        pickle.load(handle).close()
+    assert marker.exists()
+
+
+def test_a_full_disk_is_reported_before_training(digits, tmp_path, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1 << 20))
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match="not enough free disk space"):
+        _fit(digits, out, 1)
+    assert not out.exists()
