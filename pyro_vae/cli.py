@@ -29,6 +29,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "anneal_steps": 0, "free_bits": 0.0,
     "epochs": 200, "batch_size": 128, "lr": 1e-3, "device": "auto", "seed": 0, "out": None,
     "eval_particles": 1000, "conditional": False, "levels": None,
+    "data_dir": None, "download": False, "binarize": None,
 }
 
 
@@ -139,7 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
         # None means "not given": the TOML file or TRAIN_DEFAULTS supply the value.
         command.add_argument("--config", metavar="FILE.toml",
                              help="options as a TOML table; flags win")
-        command.add_argument("--data", metavar="NAME|PATH", help="digits, or a .npy/.csv file")
+        command.add_argument("--data", metavar="NAME|PATH",
+                             help="digits, mnist, fashion-mnist, kmnist, or a .npy/.csv file")
+        command.add_argument("--data-dir", metavar="DIR",
+                             help="where MNIST-family data live (default $PYRO_VAE_DATA or "
+                                  "~/.cache/pyro-vae)")
+        command.add_argument("--download", action="store_true", default=None,
+                             help="download an MNIST-family data set that is not there yet")
+        command.add_argument("--binarize", choices=("static", "dynamic"),
+                             help="binary data from grey levels: sampled once, or every step")
         command.add_argument("--prior", choices=sorted(PRIORS))
         command.add_argument("--likelihood", choices=sorted(LIKELIHOODS))
         command.add_argument("--likelihood-scale", metavar="S",
@@ -289,7 +298,7 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"option {name.replace('_', '-')}: {exc}") from None
     for name in ("data", "prior", "likelihood", "guide", "encoder", "decoder", "objective",
-                 "device", "out"):
+                 "device", "out", "data_dir", "binarize"):
         if options[name] is not None and not isinstance(options[name], str):
             raise ConfigError(f"option {name}: expected a string, got {options[name]!r}")
     if options["particles"] is None and options["objective"] in DEFAULT_PARTICLES:
@@ -344,7 +353,8 @@ def _build(options: dict[str, Any]):
     from .vae import VAE
 
     resolve_device(options["device"])  # before any work: CUDA asked for but absent
-    dataset = load_data(options["data"])
+    dataset = load_data(options["data"], data_dir=options["data_dir"],
+                        download=bool(options["download"]), binarize_mode=options["binarize"])
     conditional = bool(options["conditional"])
     if conditional and dataset.num_classes is None:
         raise ConfigError(f"--conditional needs labelled data; {dataset.name!r} has no labels")
@@ -444,7 +454,7 @@ def cmd_compare_estimators(args: argparse.Namespace) -> int:
     if args.run_dir:
         given = [flag for flag in ("config", "prior", "likelihood", "likelihood_scale", "guide",
                                    "encoder", "decoder", "hidden", "latent_dim", "levels",
-                                   "conditional")
+                                   "conditional", "data_dir", "download", "binarize")
                  if getattr(args, flag) is not None]
         if given:
             raise ConfigError(f"--{given[0].replace('_', '-')} describes a fresh model; a "

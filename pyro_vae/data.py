@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,12 @@ import torch
 from .errors import DataError
 
 SPLITS = ("train", "val", "test", "all")
-NAMED_DATASETS = ("digits",)
+#: torchvision data sets by name: class name in ``torchvision.datasets``.
+TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
+NAMED_DATASETS = ("digits", *TORCHVISION_DATASETS)
+BINARIZATIONS = ("static", "dynamic")
+#: Seed of the fixed ("static") binarization, independent of the training seed.
+BINARIZE_SEED = 0
 #: Fractions of a data set held out for validation and test.
 VAL_FRACTION = TEST_FRACTION = 0.1
 #: Seed of the fixed train/val/test permutation (independent of the training seed).
@@ -36,6 +42,10 @@ class Dataset:
     val: torch.Tensor
     test: torch.Tensor
     labels: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    #: resample each training minibatch as Bernoulli(x) (dynamic binarization)
+    dynamic_binarization: bool = False
+    #: how to load these data again (``load_data`` keyword arguments), recorded in config.json
+    source: dict = field(default_factory=dict)
 
     @property
     def data_dim(self) -> int:
@@ -67,7 +77,8 @@ class Dataset:
     def to(self, device: torch.device | str) -> "Dataset":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Dataset(self.name, self.data_shape, move(self.train), move(self.val),
-                       move(self.test), {k: move(v) for k, v in self.labels.items()})
+                       move(self.test), {k: move(v) for k, v in self.labels.items()},
+                       self.dynamic_binarization, dict(self.source))
 
 
 def _read_csv(path: Path) -> np.ndarray:
@@ -186,15 +197,92 @@ def load_digits() -> Dataset:
     return from_array(images, name="digits", labels=bunch.target)
 
 
-def load_data(spec: str | Path, device: torch.device | str = "cpu") -> Dataset:
-    """Load a named data set (``digits``) or an array file (``.npy`` / ``.csv``)."""
+def default_data_dir() -> Path:
+    """Where torchvision data sets live by default: ``$PYRO_VAE_DATA`` or ~/.cache/pyro-vae."""
+    return Path(os.environ.get("PYRO_VAE_DATA", Path.home() / ".cache" / "pyro-vae")).expanduser()
+
+
+def load_torchvision(name: str, data_dir: str | Path | None = None,
+                     download: bool = False) -> Dataset:
+    """MNIST, Fashion-MNIST or KMNIST through torchvision, grey levels scaled to [0, 1].
+
+    The official training set is split by a fixed seed into train and validation (90 / 10 %);
+    the official test set is the test split. Labels are kept (for conditional VAEs).
+    """
+    import torchvision
+
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    cls = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
+    raw = root / cls.__name__ / "raw"
+    try:
+        train = cls(root=str(root), train=True, download=download)
+        test = cls(root=str(root), train=False, download=download)
+    except RuntimeError as exc:
+        if "not found" in str(exc).lower():
+            raise DataError(f"data set {name!r} not found: expected its IDX files in {raw}; "
+                            "pass --download to fetch it, or --data-dir DIR") from None
+        reason = " ".join(str(exc).split())[:300]  # torchvision's messages span lines
+        raise DataError(f"data set {name!r} could not be read or downloaded into {raw}: "
+                        f"{reason}") from None
+    except (OSError, ValueError) as exc:  # a failed download, a corrupt or truncated file
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise DataError(f"data set {name!r} could not be loaded from {raw}: {reason}") from None
+    images = train.data.float().div_(255).reshape(len(train.data), -1)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    n_val = max(1, round(len(images) * VAL_FRACTION))
+    if len(images) - n_val < 1 or len(test.data) < 1:
+        raise DataError(f"data set {name!r} in {raw} is too small to split")
+    train_idx, val_idx = order[: len(images) - n_val], order[len(images) - n_val:]
+    targets = torch.as_tensor(train.targets).long()
+    height, width = train.data.shape[-2:]
+    return Dataset(
+        name=name, data_shape=(1, int(height), int(width)),
+        train=images[train_idx], val=images[val_idx],
+        test=test.data.float().div_(255).reshape(len(test.data), -1),
+        labels={"train": targets[train_idx], "val": targets[val_idx],
+                "test": torch.as_tensor(test.targets).long()},
+    )
+
+
+def binarize(dataset: Dataset, mode: str) -> Dataset:
+    """Binary data from grey levels in [0, 1] (Bernoulli(x), with a fixed seed).
+
+    ``static``: every split is sampled once. ``dynamic``: validation and test are sampled once
+    (so evaluations are deterministic), and training minibatches are resampled at every step.
+    """
+    if mode not in BINARIZATIONS:
+        raise DataError(f"unknown binarization {mode!r}; use static or dynamic")
+    for split in ("train", "val", "test"):
+        values = dataset.split(split)
+        if not (float(values.min()) >= 0.0 and float(values.max()) <= 1.0):
+            raise DataError(f"--binarize needs data in [0, 1]; {dataset.name!r} holds values "
+                            f"from {float(values.min()):g} to {float(values.max()):g}")
+    generator = torch.Generator().manual_seed(BINARIZE_SEED)
+    sample = lambda x: torch.bernoulli(x.cpu(), generator=generator).to(x.device)  # noqa: E731
+    return Dataset(dataset.name, dataset.data_shape,
+                   dataset.train if mode == "dynamic" else sample(dataset.train),
+                   sample(dataset.val), sample(dataset.test), dict(dataset.labels),
+                   dynamic_binarization=mode == "dynamic", source=dict(dataset.source))
+
+
+def load_data(spec: str | Path, device: torch.device | str = "cpu", *,
+              data_dir: str | Path | None = None, download: bool = False,
+              binarize_mode: str | None = None) -> Dataset:
+    """Load a named data set (``digits``, ``mnist``, ``fashion-mnist``, ``kmnist``) or an array
+    file (``.npy`` / ``.csv``), optionally binarized (``static`` or ``dynamic``)."""
     spec = str(spec)
     if spec == "digits":
         dataset = load_digits()
+    elif spec in TORCHVISION_DATASETS:
+        dataset = load_torchvision(spec, data_dir, download)
     elif spec.endswith((".npy", ".csv", ".NPY", ".CSV")) or "/" in spec or Path(spec).exists():
         path = Path(spec).expanduser()
         dataset = from_array(_read_array(path), name=str(path))
     else:
         raise DataError(f"unknown data set {spec!r}; use one of: {', '.join(NAMED_DATASETS)}, "
                         "or a path to a .npy or .csv file")
+    if binarize_mode is not None:
+        dataset = binarize(dataset, binarize_mode)
+    dataset.source = {"name": dataset.name, "binarize": binarize_mode,
+                      **({"data_dir": str(Path(data_dir).expanduser())} if data_dir else {})}
     return dataset.to(device)

@@ -128,10 +128,15 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def data(self, data: str | None = None):
-        """The data set the run was trained on (or ``data``), on the VAE's device."""
+        """The data set the run was trained on (or ``data``), on the VAE's device, loaded the
+        same way (data directory, binarization)."""
         from .data import load_data
 
-        return load_data(data or self.config["data"]["name"], device=self.vae.device)
+        if data is not None:
+            return load_data(data, device=self.vae.device)
+        source = self.config.get("data", {})
+        return load_data(source.get("name"), device=self.vae.device,
+                         data_dir=source.get("data_dir"), binarize_mode=source.get("binarize"))
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:

@@ -205,7 +205,7 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor, objective: str = "elbo",
     full_config = {
         "model": vae.config,
         "training": asdict(config),
-        "data": {"name": dataset.name, "data_shape": list(dataset.data_shape),
+        "data": {**dataset.source, "name": dataset.name, "data_shape": list(dataset.data_shape),
                  "num_train": len(dataset.train), "num_val": len(dataset.val),
                  "num_test": len(dataset.test)},
         **(extra_config or {}),
@@ -349,6 +349,8 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                 while state.position < num_data:
                     batch = state.order[state.position:state.position + config.batch_size]
                     x = train[batch]
+                    if dataset.dynamic_binarization:
+                        x = torch.bernoulli(x)
                     y = None if train_labels is None else train_labels[batch]
                     if config.anneal_steps:
                         loss_fn.beta = config.beta * min(1.0, state.step / config.anneal_steps)
@@ -447,7 +449,7 @@ def resume(run_dir: str | Path, epochs: int | None = None, device: str = "auto",
     if data_name in (None, "tensor", "array"):
         raise runs.RunError(f"{run.path} was trained on in-memory data; it cannot be resumed "
                             "from the command line (call fit with the same data instead)")
-    dataset = load_data(data_name)
+    dataset = run.data()
     vae = run.vae
     check_compatible(vae, dataset)
     loss_fn = make_objective(config.objective, config.particles, config.beta,

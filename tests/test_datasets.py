@@ -1,0 +1,126 @@
+"""MNIST-family loaders (torchvision) on small IDX files written here, and binarization."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_vae import load_data, load_run
+from pyro_vae.cli import main
+from pyro_vae.data import TORCHVISION_DATASETS, binarize
+from pyro_vae.errors import DataError
+
+NUM_TRAIN, NUM_TEST = 50, 20
+
+
+def _write_idx(path, array):
+    array = np.asarray(array, dtype=np.uint8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack(">I", 0x0800 | array.ndim))       # magic: unsigned bytes, ndim
+        handle.write(struct.pack(">" + "I" * array.ndim, *array.shape))
+        handle.write(array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def idx_root(tmp_path_factory):
+    """IDX files for all three data sets, with known pixels and labels."""
+    root = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    content = {}
+    for cls in ("MNIST", "FashionMNIST", "KMNIST"):
+        raw = root / cls / "raw"
+        raw.mkdir(parents=True)
+        arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (NUM_TRAIN, 28, 28)),
+                  "train-labels-idx1-ubyte": rng.integers(0, 10, NUM_TRAIN),
+                  "t10k-images-idx3-ubyte": rng.integers(0, 256, (NUM_TEST, 28, 28)),
+                  "t10k-labels-idx1-ubyte": rng.integers(0, 10, NUM_TEST)}
+        for name, array in arrays.items():
+            _write_idx(raw / name, array)
+        content[cls] = arrays
+    return root, content
+
+
+@pytest.mark.parametrize("name", list(TORCHVISION_DATASETS))
+def test_loader_reads_shapes_values_labels_and_splits(idx_root, name):
+    root, content = idx_root
+    arrays = content[TORCHVISION_DATASETS[name]]
+    data = load_data(name, data_dir=root)
+    assert data.data_shape == (1, 28, 28) and data.data_dim == 784
+    n_val = round(NUM_TRAIN * 0.1)
+    assert (len(data.train), len(data.val), len(data.test)) == (NUM_TRAIN - n_val, n_val, NUM_TEST)
+    # the official test set, in order, scaled to [0, 1]
+    expected_test = torch.from_numpy(arrays["t10k-images-idx3-ubyte"].reshape(NUM_TEST, -1) / 255.0)
+    assert torch.allclose(data.test.double(), expected_test, atol=1e-7)
+    assert torch.equal(data.labels["test"], torch.from_numpy(arrays["t10k-labels-idx1-ubyte"]))
+    # train + val partition the official training set, each image with its own label
+    images = torch.from_numpy(arrays["train-images-idx3-ubyte"].reshape(NUM_TRAIN, -1) / 255.0)
+    labels = torch.from_numpy(arrays["train-labels-idx1-ubyte"])
+    seen = []
+    for split in ("train", "val"):
+        for x, y in zip(data.split(split).double(), data.labels[split]):
+            index = int(torch.nonzero((images - x).abs().max(1).values < 1e-7)[0])
+            assert labels[index] == y
+            seen.append(index)
+    assert sorted(seen) == list(range(NUM_TRAIN))
+    # the split is fixed: loading again gives the same train split
+    assert torch.equal(load_data(name, data_dir=root).train, data.train)
+
+
+def test_a_missing_data_set_names_the_path_and_download(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_data("kmnist", data_dir=tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "KMNIST" / "raw") in message and "--download" in message
+    assert "\n" not in message
+
+
+def test_static_binarization_is_fixed_and_unbiased(idx_root):
+    root, _ = idx_root
+    grey = load_data("mnist", data_dir=root)
+    binary = load_data("mnist", data_dir=root, binarize_mode="static")
+    for split in ("train", "val", "test"):
+        values = binary.split(split)
+        assert set(values.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(binary.train, load_data("mnist", data_dir=root, binarize_mode="static").train)
+    # E[Bernoulli(x)] = x: the binarized mean matches the grey mean within 3 standard errors
+    x, b = grey.train, binary.train
+    se = math.sqrt(float((x * (1 - x)).sum())) / x.numel()
+    assert abs(float(b.mean() - x.mean())) < 3 * se
+
+
+def test_dynamic_binarization_keeps_grey_train_and_fixed_binary_evaluation(idx_root):
+    root, _ = idx_root
+    data = load_data("mnist", data_dir=root, binarize_mode="dynamic")
+    assert data.dynamic_binarization
+    assert not set(data.train.unique().tolist()) <= {0.0, 1.0}
+    assert set(data.test.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_binarization_refuses_data_outside_the_unit_interval():
+    from pyro_vae.data import from_array
+
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        binarize(from_array(np.full((10, 3), 2.0, np.float32)), "static")
+
+
+def test_cli_trains_evaluates_and_resumes_on_mnist_with_its_loading_options(idx_root, tmp_path,
+                                                                            capsys):
+    root, _ = idx_root
+    out = tmp_path / "run"
+    assert main(["train", "--data", "mnist", "--data-dir", str(root), "--binarize", "static",
+                 "--conditional", "--epochs", "1", "--hidden", "16", "--latent-dim", "2",
+                 "--quiet", "--eval-particles", "0", "--out", str(out)]) == 0
+    source = json.loads((out / "config.json").read_text())["data"]
+    assert source["binarize"] == "static" and source["data_dir"] == str(root)
+    run = load_run(out)
+    assert set(run.data().test.unique().tolist()) <= {0.0, 1.0}
+    assert main(["evaluate", str(out), "--particles", "3", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["data"] == "mnist" and summary["num_datapoints"] == NUM_TEST
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
