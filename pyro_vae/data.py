@@ -32,6 +32,59 @@ VAL_FRACTION = TEST_FRACTION = 0.1
 SPLIT_SEED = 0
 
 
+#: Rows read per chunk when a memory-mapped array is scanned (finiteness, support checks).
+SCAN_ROWS = 8192
+
+
+class LazyRows:
+    """Rows of a memory-mapped ``.npy`` array, read on demand as float32 tensors.
+
+    Behaves like the 2-D tensor ``[rows, data_dim]`` for what training and evaluation do with
+    a split (``shape``, ``len``, slicing, indexing with an index tensor, ``to(device)``), while
+    only the rows asked for are read, so memory does not grow with the file. On CUDA, rows are
+    staged through pinned memory and copied asynchronously.
+    """
+
+    ndim = 2
+
+    def __init__(self, array: np.ndarray, index: np.ndarray, device: torch.device | str = "cpu"):
+        self.array, self.index, self.device = array, np.asarray(index, dtype=np.int64), torch.device(device)
+        self.data_dim = math.prod(array.shape[1:])
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.index), self.data_dim))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _read(self, rows: np.ndarray) -> torch.Tensor:
+        values = np.array(self.array[rows], dtype=np.float32).reshape(len(rows), -1)
+        tensor = torch.from_numpy(values)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, int):
+            return self._read(self.index[[key]])[0]
+        if torch.is_tensor(key):
+            key = key.detach().cpu().numpy()
+        return self._read(self.index[key])
+
+    def to(self, device: torch.device | str) -> "LazyRows":
+        return LazyRows(self.array, self.index, device)
+
+    def materialize(self) -> torch.Tensor:
+        return self[:]
+
+
+def iter_chunks(x: "torch.Tensor | LazyRows", rows: int = SCAN_ROWS):
+    """``x`` in consecutive chunks of at most ``rows`` rows, each a tensor."""
+    for start in range(0, len(x), rows):
+        yield x[start:start + rows]
+
+
 @dataclass
 class Dataset:
     """A data set split into train / val / test, with optional integer labels."""
@@ -60,13 +113,28 @@ class Dataset:
         train_labels = self.labels.get("train")
         return None if train_labels is None else int(train_labels.max()) + 1
 
-    def split(self, name: str) -> torch.Tensor:
-        """The datapoints of split ``name`` (``train``, ``val``, ``test`` or ``all``)."""
-        if name == "all":
-            return torch.cat([self.train, self.val, self.test])
+    def rows(self, name: str) -> "torch.Tensor | LazyRows":
+        """The datapoints of split ``name`` (``train``, ``val``, ``test`` or ``all``) as stored:
+        a tensor, or :class:`LazyRows` for a memory-mapped file (nothing is read yet)."""
         if name not in SPLITS:
             raise DataError(f"unknown split {name!r}; choose one of: {', '.join(SPLITS)}")
-        return getattr(self, name)
+        if name != "all":
+            return getattr(self, name)
+        parts = [self.train, self.val, self.test]
+        if all(isinstance(p, LazyRows) for p in parts):
+            return LazyRows(parts[0].array, np.concatenate([p.index for p in parts]),
+                            parts[0].device)
+        return torch.cat([p if torch.is_tensor(p) else p.materialize() for p in parts])
+
+    def split(self, name: str) -> torch.Tensor:
+        """The datapoints of split ``name`` as one tensor (read into memory if memory-mapped)."""
+        rows = self.rows(name)
+        return rows if torch.is_tensor(rows) else rows.materialize()
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the data are read from a memory-mapped file minibatch by minibatch."""
+        return isinstance(self.train, LazyRows)
 
     def split_labels(self, name: str) -> torch.Tensor | None:
         if name == "all":
@@ -128,7 +196,7 @@ def _read_array(path: Path) -> np.ndarray:
         return _read_csv(path)
     if suffix == ".npy":
         try:
-            array = np.load(path, allow_pickle=False)
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise DataError(f"{path}: not a readable .npy array ({exc})") from None
         if np.issubdtype(array.dtype, np.complexfloating):
@@ -171,11 +239,33 @@ def split_indices(n: int, seed: int = SPLIT_SEED) -> dict[str, torch.Tensor]:
 
 def from_array(array: np.ndarray | torch.Tensor, name: str = "array",
                labels: np.ndarray | torch.Tensor | None = None) -> Dataset:
-    """Split an array of datapoints (first axis) into a :class:`Dataset`."""
-    array = np.asarray(array)
+    """Split an array of datapoints (first axis) into a :class:`Dataset`.
+
+    A memory-mapped array (``np.load(..., mmap_mode="r")``) stays on disk: it is scanned once
+    in chunks for non-finite values, and its splits are :class:`LazyRows`.
+    """
+    if not isinstance(array, np.memmap):
+        array = np.asarray(array)
     data_shape = _data_shape(array, name)
     if len(array) == 0 or math.prod(data_shape) == 0:
         raise DataError(f"{name}: no datapoints (array of shape {list(array.shape)})")
+    if isinstance(array, np.memmap) and labels is None:
+        for start in range(0, len(array), SCAN_ROWS):
+            with np.errstate(over="ignore", invalid="ignore"):
+                chunk = torch.from_numpy(np.array(array[start:start + SCAN_ROWS], np.float32))
+            try:
+                check_finite(chunk.reshape(len(chunk), -1), name)
+            except DataError:
+                row = start + int((~torch.isfinite(chunk.reshape(len(chunk), -1))).any(1)
+                                  .nonzero()[0])
+                raise DataError(f"{name}: data contain NaN or infinite values, or values beyond "
+                                f"the float32 range (first in row {row})") from None
+        parts = split_indices(len(array))
+        return Dataset(name=name, data_shape=data_shape,
+                       train=LazyRows(array, parts["train"].numpy()),
+                       val=LazyRows(array, parts["val"].numpy()),
+                       test=LazyRows(array, parts["test"].numpy()),
+                       labels={s: None for s in parts})
     with np.errstate(over="ignore", invalid="ignore"):  # overflow shows up as inf, refused below
         x = torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32)).reshape(len(array), -1)
     check_finite(x, name)
@@ -252,6 +342,9 @@ def binarize(dataset: Dataset, mode: str) -> Dataset:
     """
     if mode not in BINARIZATIONS:
         raise DataError(f"unknown binarization {mode!r}; use static or dynamic")
+    dataset = Dataset(dataset.name, dataset.data_shape, *(dataset.split(s) for s in
+                                                          ("train", "val", "test")),
+                      dict(dataset.labels), source=dict(dataset.source))  # binary copies in memory
     for split in ("train", "val", "test"):
         values = dataset.split(split)
         if not (float(values.min()) >= 0.0 and float(values.max()) <= 1.0):

@@ -104,7 +104,7 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, not {batch_size!r}")
     if isinstance(data, Dataset):
-        x_all = data.split(split)
+        x_all = data.rows(split)  # streamed batch by batch for memory-mapped data
         labels = data.split_labels(split) if vae.conditional else None
     else:
         x_all = data

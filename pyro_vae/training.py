@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import runs
-from .data import Dataset, from_array, load_data
+from .data import Dataset, from_array, iter_chunks, load_data
 from .errors import ConfigError, PyroVAEError
 from .evaluation import evaluate
 from .log_weights import log_weights
@@ -128,7 +128,8 @@ def check_compatible(vae, dataset: Dataset) -> None:
             raise ConfigError(f"data {dataset.name!r} have {dataset.num_classes} classes, but the "
                               f"VAE was built for {vae.num_classes}")
     for split in ("train", "val", "test"):
-        vae.likelihood.check_support(dataset.split(split))
+        for chunk in iter_chunks(dataset.rows(split)):  # streamed for memory-mapped data
+            vae.likelihood.check_support(chunk)
 
 
 def labels_for(vae, dataset: Dataset, split: str) -> torch.Tensor | None:

@@ -223,7 +223,7 @@ CASES = [
     ("train-npy-strings", train(*data(lambda c: c.npy("a.npy", np.array(["a", "b"])))),
      "not numeric", ()),
     ("train-npy-object-dtype",
-     train(*data(lambda c: c.npy("a.npy", np.array([1, "a"], dtype=object)))), "allow_pickle", ()),
+     train(*data(lambda c: c.npy("a.npy", np.array([1, "a"], dtype=object)))), "Python objects", ()),
     ("train-npy-not-an-array", train(*data(lambda c: c.text("a.npy", b"hello, not numpy"))),
      "not a readable .npy", ()),
     ("train-npy-too-few-rows", train(*data(lambda c: c.npy("a.npy", UNIT[:2]))), "at least 3", ()),

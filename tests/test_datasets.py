@@ -124,3 +124,40 @@ def test_cli_trains_evaluates_and_resumes_on_mnist_with_its_loading_options(idx_
     assert summary["data"] == "mnist" and summary["num_datapoints"] == NUM_TEST
     assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_npy_files_are_memory_mapped_and_train_exactly_like_in_memory_data(tmp_path):
+    import pyro
+
+    from pyro_vae import VAE, evaluate, fit
+    from pyro_vae.data import LazyRows, from_array
+
+    values = np.random.default_rng(1).random((300, 12)).astype(np.float32)
+    path = tmp_path / "rows.npy"
+    np.save(path, values)
+    streamed = load_data(str(path))
+    assert streamed.streamed and isinstance(streamed.train, LazyRows)
+    in_memory = from_array(values, name="same rows")
+    assert not in_memory.streamed
+    for split in ("train", "val", "test", "all"):
+        assert torch.equal(streamed.split(split), in_memory.split(split))
+
+    def train(dataset):
+        pyro.set_rng_seed(0)
+        vae = VAE(12, 2, hidden=(16,))
+        history = fit(vae, dataset, "iwae", particles=2, epochs=2, batch_size=32,
+                      progress=False, device="cpu").history
+        return [{k: v for k, v in row.items() if not k.endswith("_s")} for row in history], vae
+
+    (rows_a, vae_a), (rows_b, vae_b) = train(streamed), train(in_memory)
+    assert rows_a == rows_b
+    assert all(torch.equal(a, b) for a, b in zip(vae_a.parameters(), vae_b.parameters()))
+    assert evaluate(vae_a, streamed, particles=5).summary == evaluate(vae_b, in_memory, particles=5).summary
+
+
+def test_a_memory_mapped_file_with_nan_is_refused_with_its_row(tmp_path):
+    values = np.random.default_rng(1).random((30000, 3)).astype(np.float32)
+    values[20001, 1] = np.nan
+    np.save(tmp_path / "nan.npy", values)
+    with pytest.raises(DataError, match="row 20001"):
+        load_data(str(tmp_path / "nan.npy"))
