@@ -385,6 +385,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                  batch_size=int(options["batch_size"]), lr=float(options["lr"]),
                  seed=int(options["seed"]), device=str(options["device"]), out=out,
                  progress=not args.quiet)
+    if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
+        return _finish_distributed()
     last = result.history[-1]
     print(f"trained {options['epochs']} epochs in {time.perf_counter() - started:.1f} s; "
           f"validation ELBO {last['val_elbo']:.3f} nats per datapoint")
@@ -397,6 +399,15 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"ELBO {summary['elbo']:.3f}; active units {summary['active_units']}"
               f"/{vae.latent_dim}")
     print(f"run directory: {result.run_dir}")
+    return _finish_distributed()
+
+
+def _finish_distributed() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

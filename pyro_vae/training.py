@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import shutil
 import signal
 import threading
@@ -27,7 +28,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from . import runs
+from . import distributed, runs
 from .data import Dataset, from_array, iter_chunks, load_data
 from .errors import ConfigError, PyroVAEError
 from .evaluation import evaluate
@@ -201,8 +202,12 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor, objective: str = "elbo",
         raise ConfigError("objective 'dreg' cannot anneal β (its gradient identity needs β = 1); "
                           "drop --anneal-steps or use 'iwae'")
     torch_device = resolve_device(config.device)
+    context = distributed.context_from_environment(torch_device)
+    torch_device = context.device
     vae.to(torch_device)
     dry_run(vae, loss_fn, dataset)
+    if context.distributed and not context.is_main:
+        out = None  # rank 0 alone writes the run directory
     full_config = {
         "model": vae.config,
         "training": asdict(config),
@@ -218,7 +223,8 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor, objective: str = "elbo",
     try:
         if run_dir is not None:
             runs.write_config(run_dir, full_config)
-        history = _train(vae, dataset, config, loss_fn, torch_device, run_dir, progress)
+        history = _train(vae, dataset, config, loss_fn, torch_device, run_dir,
+                         progress and context.is_main, context=context)
     except BaseException:
         if (run_dir is not None and not runs.read_metrics(run_dir)
                 and not (run_dir / runs.CHECKPOINT_FILE).exists()):
@@ -312,17 +318,19 @@ def _nonfinite_term(vae, x, y, num_data: int) -> str:
 
 def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: torch.device,
            run_dir: Path | None, progress: bool, checkpoint: dict | None = None,
-           history: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+           history: list[dict[str, Any]] | None = None,
+           context: distributed.Context = distributed.SINGLE) -> list[dict[str, Any]]:
     """The epoch loop; returns the per-epoch metrics. With ``checkpoint`` it continues a run
-    exactly where the checkpoint left it."""
-    pyro.set_rng_seed(config.seed)
+    exactly where the checkpoint left it. Under torchrun (``context``) each rank trains on its
+    shard of every minibatch (see :mod:`pyro_vae.distributed`)."""
+    pyro.set_rng_seed(config.seed + context.rank)
     vae.to(torch_device)
     dataset = dataset.to(torch_device)
     train = dataset.train
     train_labels = labels_for(vae, dataset, "train")
     num_data = train.shape[0]
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
-    loss_module = loss_fn(vae.model, vae.guide)
+    loss_module = distributed.wrap(vae, loss_fn, context)
     order_generator = torch.Generator().manual_seed(config.seed)
     state = _LoopState() if checkpoint is None else _load_state(checkpoint, vae, optimizer,
                                                                 order_generator)
@@ -348,7 +356,8 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                     state.position, state.loss_sum = 0, 0.0
                 loss_sum = torch.tensor(state.loss_sum, device=torch_device)
                 while state.position < num_data:
-                    batch = state.order[state.position:state.position + config.batch_size]
+                    global_batch = state.order[state.position:state.position + config.batch_size]
+                    batch = context.shard(global_batch)
                     x = train[batch]
                     if dataset.dynamic_binarization:
                         x = torch.bernoulli(x)
@@ -381,7 +390,7 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                     optimizer.step()
                     # The loss estimates the data set's total; weight by this batch's share.
                     loss_sum += loss.detach() * (x.shape[0] / num_data)
-                    state.position += x.shape[0]
+                    state.position += global_batch.shape[0]
                     state.step += 1
                     bar.update(1)
                     if stop.signal_name is not None:
@@ -391,10 +400,11 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                             f"{stop.signal_name} at epoch {state.epoch}, step {state.step}"
                             + (f"; checkpoint saved; resume with: pyro-vae train --resume {run_dir}"
                                if run_dir is not None else "; no run directory, nothing saved"))
-                train_loss = float(loss_sum) / num_data
+                train_loss = float(context.all_sum(loss_sum)) / num_data
                 if not math.isfinite(train_loss):
                     raise TrainingError(_divergence_message(
                         train_loss, state, _nonfinite_term(vae, x, y, num_data), run_dir))
+                # every rank scores the validation split (same seed): no rank waits for another
                 val = evaluate(vae, dataset, split="val", particles=config.val_particles,
                                seed=state.epoch)
                 row = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss,
@@ -431,6 +441,8 @@ def resume(run_dir: str | Path, epochs: int | None = None, device: str = "auto",
     default: the run's own). On the same device with the same software the result is exactly
     that of an uninterrupted run: model, optimizer, random-number and epoch-position state are
     all restored."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--resume runs in a single process; start it without torchrun")
     run = runs.load_run(run_dir)
     checkpoint = runs.load_checkpoint(run.path)
     training = dict(run.config.get("training", {}))

@@ -1,0 +1,88 @@
+"""Multi-process training with ``torchrun`` and torch.distributed (DDP).
+
+``torchrun --nproc_per_node=N -m pyro_vae.cli train ...`` starts N processes. Each takes its
+shard of every global minibatch (the same seeded permutation on every rank, split into N
+contiguous parts), computes the objective on it with the data-set scale num_data / shard, and
+DDP averages the gradients, so an update equals that of one process on the whole minibatch with
+the same random draws. Ranks draw independent noise (seed + rank). Rank 0 alone writes the run
+directory. Backends: NCCL on GPUs, gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: its rank, the number of processes, and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous part of a global minibatch of indices."""
+        return batch.tensor_split(self.world_size)[self.rank] if self.distributed else batch
+
+    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+
+SINGLE = Context()
+
+
+def context_from_environment(device: torch.device) -> Context:
+    """The torchrun context (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), initialising the process
+    group on first use; a plain process gets the single-process context."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Context(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if torch.cuda.device_count() <= local_rank:
+            raise ConfigError(f"torchrun started {world_size} processes on this node, but only "
+                              f"{torch.cuda.device_count()} CUDA device(s) exist")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Context(rank=rank, world_size=world_size, device=device)
+
+
+class LossModule(nn.Module):
+    """The objective as a module that owns the VAE's parameters (what DDP wraps)."""
+
+    def __init__(self, vae: nn.Module, objective):
+        super().__init__()
+        self.vae, self.objective = vae, objective
+
+    def forward(self, x, y=None, num_data=None):
+        return self.objective.differentiable_loss(self.vae.model, self.vae.guide, x, y,
+                                                  num_data=num_data)
+
+
+def wrap(vae: nn.Module, objective, context: Context) -> nn.Module:
+    """The loss module, under DDP when running distributed."""
+    module = LossModule(vae, objective)
+    if not context.distributed:
+        return module
+    device_ids = [context.device] if context.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
