@@ -16,16 +16,25 @@ aborts the run.
 Timing interleaves the two sides in blocks (a block = ``steps`` consecutive training steps
 of one side; the side that goes first alternates from block to block), after warm-up blocks,
 so machine noise hits both; the per-step time of a block is its wall time / ``steps``, and the
-table reports the median over blocks and the ratio pyro-vae / reference.
+table reports the median over blocks and the ratio pyro-vae / reference. On Linux, the CPU
+time other processes use during each pair of blocks is read from ``/proc``; pairs during which
+they used more than a quarter of a core are set aside and replaced (within a time limit), and
+the table says how many pairs were used. If too few quiet pairs come, all are used.
 
 Evaluation throughput: ``pyro_vae.evaluate(vae, x, particles=5000)`` against a chunked
 IWAE-5000 log-likelihood loop in plain torch with the same chunk sizes (its log-likelihoods
 are checked against pyro-vae's too).
 
-    python benchmarks/bench_objectives.py [--quick] [--json out.json] [--profile]
+    python benchmarks/bench_objectives.py [--quick] [--json out.json]
+    python benchmarks/bench_objectives.py --profile
 
 ``--quick`` skips the batch-1024 configuration and shortens the evaluation timing;
-``--profile`` adds cProfile summaries of pyro-vae training steps (digits configuration).
+``--profile`` prints, instead of the table, a profile of the digits configuration: Python
+calls, ATen ops and matmuls per step on both sides, interleaved forward / backward / Adam
+timings, the Pyro and pyro-vae entries of a cProfile of each pyro-vae step, and
+microbenchmarks of the pieces the pyro-vae forward adds. ``--threads N`` sets
+``torch.set_num_threads`` (default: torch's default, here the number of cores); ``--only``
+restricts the objectives.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import cProfile
 import io
 import json
 import math
+import os
 import platform
 import pstats
 import statistics
@@ -75,7 +85,7 @@ class Config:
 CONFIGS = [
     Config("digits 64-256-256-8, B=128", "digits", (256, 256), 8, 128, blocks=30, steps=10),
     Config("mlp 784-400-20, B=128", "synthetic784", (400,), 20, 128, blocks=30, steps=10),
-    Config("mlp 784-400-20, B=1024", "synthetic784", (400,), 20, 1024, blocks=12, steps=5,
+    Config("mlp 784-400-20, B=1024", "synthetic784", (400,), 20, 1024, blocks=20, steps=4,
            quick=False),
 ]
 
@@ -229,7 +239,7 @@ def check_agreement(config: Config, label: str, vae_p: VAE, vae_r: VAE, loss_mod
     torch.manual_seed(2024)
     loss_r = reference.loss(x, num_data)
     loss_r.backward()
-    lp, lr = float(loss_p), float(loss_r)
+    lp, lr = float(loss_p.detach()), float(loss_r.detach())
     rel = abs(lp - lr) / max(abs(lr), 1e-30)
     if not rel <= REL_TOL:
         raise CheckFailed(f"{config.name} / {label}: loss mismatch pyro-vae {lp!r} vs "
@@ -254,24 +264,94 @@ def check_agreement(config: Config, label: str, vae_p: VAE, vae_r: VAE, loss_mod
 # ---------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------
+class CpuMonitor:
+    """CPU time used by *other* processes (Linux ``/proc``), to tell quiet blocks from
+    contended ones on a shared machine; a no-op elsewhere."""
+
+    TICK = 1.0 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
+
+    def __init__(self):
+        self.available = os.path.exists("/proc/stat") and os.path.exists("/proc/self/stat")
+
+    def _read(self):
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:9]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        busy = user + nice + system + irq + softirq + steal
+        with open("/proc/self/stat") as handle:
+            text = handle.read()
+        rest = text[text.rindex(")") + 2:].split()
+        own = int(rest[11]) + int(rest[12])  # utime + stime of this process (all threads)
+        return busy, own
+
+    def start(self):
+        return (self._read(), time.perf_counter()) if self.available else None
+
+    def others_share(self, token) -> float:
+        """Cores' worth of CPU used by other processes since ``start`` (0 when unknown)."""
+        if token is None:
+            return 0.0
+        (busy0, own0), t0 = token
+        busy1, own1 = self._read()
+        wall = max(time.perf_counter() - t0, 1e-9)
+        return max(0, (busy1 - busy0) - (own1 - own0)) * self.TICK / wall
+
+
+MONITOR = CpuMonitor()
+#: a block pair is "quiet" when other processes used at most this many cores' worth of CPU
+MAX_OTHERS_SHARE = 0.25
+#: give up waiting for quiet block pairs after this many times the asked-for number of pairs,
+#: or after this many extra seconds per measurement, whichever comes first
+MAX_BLOCK_FACTOR = 3
+MAX_EXTRA_SECONDS = 10.0
+
+
 def time_interleaved(step_a, step_b, batches, blocks: int, steps: int, warmup_blocks: int):
-    """Median per-step seconds of a and b over interleaved blocks (order alternates)."""
-    times = {"a": [], "b": []}
+    """Per-step seconds of a and b, one value per timed block, over interleaved blocks (the
+    side that goes first alternates). Block pairs during which other processes used more than
+    ``MAX_OTHERS_SHARE`` cores are set aside and more pairs run, up to ``MAX_BLOCK_FACTOR`` ×
+    ``blocks`` pairs and ``MAX_EXTRA_SECONDS`` beyond the first ``blocks`` pairs; if too few
+    quiet pairs come, every pair is used and the result is flagged."""
+    quiet = {"a": [], "b": []}
+    every = {"a": [], "b": []}
+    shares = []
     sides = {"a": step_a, "b": step_b}
     cursor = 0
-    for block in range(warmup_blocks + blocks):
+    block = 0
+    extra_since = None
+    while True:
         order = ("a", "b") if block % 2 == 0 else ("b", "a")
+        token = MONITOR.start()
+        pair = {}
         for side in order:
             fn = sides[side]
             chosen = [batches[(cursor + i) % len(batches)] for i in range(steps)]
             start = time.perf_counter()
             for x in chosen:
                 fn(x)
-            elapsed = time.perf_counter() - start
-            if block >= warmup_blocks:
-                times[side].append(elapsed / steps)
+            pair[side] = (time.perf_counter() - start) / steps
+        share = MONITOR.others_share(token)
         cursor += steps
-    return times["a"], times["b"]
+        if block >= warmup_blocks:
+            shares.append(share)
+            for side in "ab":
+                every[side].append(pair[side])
+                if share <= MAX_OTHERS_SHARE:
+                    quiet[side].append(pair[side])
+        block += 1
+        timed = block - warmup_blocks
+        if timed == blocks:
+            extra_since = time.perf_counter()
+        if len(quiet["a"]) >= blocks or timed >= MAX_BLOCK_FACTOR * blocks or (
+                extra_since is not None
+                and time.perf_counter() - extra_since > MAX_EXTRA_SECONDS):
+            break
+    enough = len(quiet["a"]) >= max(min(5, blocks), blocks // 2)
+    use = quiet if enough else every
+    info = {"pairs_run": len(every["a"]), "pairs_quiet": len(quiet["a"]),
+            "used": "quiet pairs" if enough else "all pairs (machine busy)",
+            "others_cores_mean": statistics.mean(shares) if shares else 0.0}
+    return use["a"], use["b"], info
 
 
 def summarize(samples):
@@ -299,21 +379,21 @@ def bench_config(config: Config, verbose: bool = True) -> list[dict]:
             step_r, reference = reference_step_fn(vae_r, name, K, options, num_data)
             check = check_agreement(config, name, vae_p, vae_r, loss_module, reference,
                                     batches[0], num_data)
-            t_p, t_r = time_interleaved(step_p, step_r, batches, config.blocks, config.steps,
-                                        config.warmup_blocks)
+            t_p, t_r, timing = time_interleaved(step_p, step_r, batches, config.blocks,
+                                                config.steps, config.warmup_blocks)
         sp, sr = summarize(t_p), summarize(t_r)
         row = {"configuration": config.name, "objective": name, "K": K,
                "batch": config.batch, "pyro_vae_ms": sp["median_ms"],
                "reference_ms": sr["median_ms"], "ratio": sp["median_ms"] / sr["median_ms"],
                "pyro_vae_ms_p25_p75": [sp["p25_ms"], sp["p75_ms"]],
                "reference_ms_p25_p75": [sr["p25_ms"], sr["p75_ms"]],
-               "blocks": config.blocks, "steps_per_block": config.steps,
-               "check": check}
+               "steps_per_block": config.steps, "timing": timing, "check": check}
         rows.append(row)
         if verbose:
             print(f"  {config.name:26s} {name:9s} K={K}  pyro-vae {sp['median_ms']:8.3f} ms  "
                   f"reference {sr['median_ms']:8.3f} ms  ratio {row['ratio']:.2f}  "
-                  f"(check: loss rel {check['loss_rel_diff']:.1e}, "
+                  f"[{timing['pairs_quiet']}/{timing['pairs_run']} quiet block pairs, others "
+                  f"{timing['others_cores_mean']:.2f} cores]  (check: loss rel {check['loss_rel_diff']:.1e}, "
                   f"grad rel {check['grad_max_rel_diff']:.1e})", flush=True)
     return rows
 
@@ -333,68 +413,213 @@ def bench_evaluation(repeats: int, particles: int = 5000, n_points: int = 200,
     rel = float((ll_p - ll_r).abs().max() / ll_r.abs().max())
     if not rel <= REL_TOL:
         raise CheckFailed(f"evaluation: log-likelihood mismatch (max rel {rel:.2e})")
-    t_p, t_r = [], []
-    for i in range(repeats):
-        for side in (("p", "r") if i % 2 == 0 else ("r", "p")):
-            start = time.perf_counter()
-            if side == "p":
-                evaluate(vae, x, particles=particles, seed=0)
-                t_p.append(time.perf_counter() - start)
-            else:
-                vae.eval()
-                reference_log_likelihood(vae, x, particles, seed=0)
-                vae.train()
-                t_r.append(time.perf_counter() - start)
+    def run_pyro_vae(points):
+        evaluate(vae, points, particles=particles, seed=0)
+
+    def run_reference(points):
+        vae.eval()
+        try:
+            reference_log_likelihood(vae, points, particles, seed=0)
+        finally:
+            vae.train()
+
+    t_p, t_r, timing = time_interleaved(run_pyro_vae, run_reference, [x], blocks=repeats,
+                                        steps=1, warmup_blocks=0)
     mp, mr = statistics.median(t_p), statistics.median(t_r)
     row = {"configuration": f"{config.name} (evaluate, {n_points} points)",
            "objective": "evaluate (IWAE log p(x))", "K": particles,
            "pyro_vae_ms": 1e3 * mp, "reference_ms": 1e3 * mr, "ratio": mp / mr,
            "pyro_vae_datapoints_per_s": n_points / mp,
-           "reference_datapoints_per_s": n_points / mr, "repeats": repeats,
+           "reference_datapoints_per_s": n_points / mr, "repeats": repeats, "timing": timing,
            "check": {"log_likelihood_max_rel_diff": rel,
                      "mean_log_likelihood": float(ll_p.mean())}}
     if verbose:
         print(f"  evaluate K={particles} on {n_points} digits: pyro-vae {mp:.3f} s  "
-              f"reference {mr:.3f} s  ratio {mp / mr:.2f}  (check: rel {rel:.1e})", flush=True)
+              f"reference {mr:.3f} s  ratio {mp / mr:.2f}  [{timing['pairs_quiet']}/"
+              f"{timing['pairs_run']} quiet pairs]  (check: rel {rel:.1e})", flush=True)
     return row
 
 
 # ---------------------------------------------------------------------------------------------
 # profiling (--profile)
 # ---------------------------------------------------------------------------------------------
-def profile_steps(n_steps: int = 300, top: int = 25) -> str:
+def _phase_step(step_parts):
+    """A training step that returns the wall time of (forward, backward, optimizer step)."""
+    loss_fn, optimizer = step_parts
+
+    def step(x):
+        t0 = time.perf_counter()
+        loss = loss_fn(x)
+        t1 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2
+
+    return step
+
+
+def _count_python_calls(fn, x, n):
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(n):
+        fn(x)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    return stats.total_calls / n, stats
+
+
+def _count_aten_ops(fn, x, n):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            fn(x)
+    ops = matmuls = 0
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            ops += event.count
+            if event.key in ("aten::addmm", "aten::mm", "aten::bmm"):
+                matmuls += event.count
+    return ops / n, matmuls / n
+
+
+def profile_steps(n_steps: int = 200, blocks: int = 20, top: int = 25) -> str:
+    """Where pyro-vae's extra time goes (digits configuration), with evidence that does not
+    depend on machine noise (Python calls and ATen ops per step) and interleaved phase timings
+    (forward = loss, backward = zero_grad + backward, step = Adam)."""
     config = CONFIGS[0]
     train, data_shape = load_train(config)
     num_data = train.shape[0]
     x = train[:config.batch].contiguous()
-    report = io.StringIO()
+    out = io.StringIO()
+    out.write(f"\n## Profile: {config.name}\n\n")
+    out.write("Forward / backward / Adam: medians over interleaved blocks of 10 steps (quiet block "
+              "pairs preferred, as in the timing table).\n\n")
+    out.write("| objective | K | Python calls/step pyro-vae / ref | ATen ops/step pyro-vae / ref "
+              "| matmuls/step pyro-vae / ref | forward ms pyro-vae / ref | backward ms "
+              "pyro-vae / ref | Adam ms pyro-vae / ref |\n|---|---:|---|---|---|---|---|---|\n")
+    details = []
     for name, K, options in OBJECTIVES:
         pyro.clear_param_store()
-        vae = build_vae(config, data_shape)
+        vae_p = build_vae(config, data_shape)
+        vae_r = build_vae(config, data_shape)
         with pyro.validation_enabled(False):
-            step, _ = pyro_step_fn(vae, name, K, options, num_data)
+            objective = make_objective(name, K, **options)
+            loss_module = objective(vae_p.model, vae_p.guide)
+            reference = Reference(vae_r, name, K, **options)
+            parts_p = (lambda x: loss_module(x, num_data=num_data),
+                       torch.optim.Adam(vae_p.parameters(), lr=LR))
+            parts_r = (lambda x: reference.loss(x, num_data),
+                       torch.optim.Adam(vae_r.parameters(), lr=LR))
+            step_p, step_r = _phase_step(parts_p), _phase_step(parts_r)
             for _ in range(20):
-                step(x)
-            profiler = cProfile.Profile()
-            profiler.enable()
-            for _ in range(n_steps):
-                step(x)
-            profiler.disable()
-        stats = pstats.Stats(profiler, stream=report)
-        report.write(f"\n===== pyro-vae {name} (K={K}), {config.name}, {n_steps} steps =====\n")
-        stats.sort_stats("tottime").print_stats(top)
-        stats.sort_stats("cumulative").print_stats(top)
-    return report.getvalue()
+                step_p(x), step_r(x)
+            calls_p, stats_p = _count_python_calls(step_p, x, n_steps)
+            calls_r, _ = _count_python_calls(step_r, x, n_steps)
+            ops_p, mm_p = _count_aten_ops(step_p, x, 20)
+            ops_r, mm_r = _count_aten_ops(step_r, x, 20)
+            phases = {"p": [], "r": []}
+            block = 0
+            while len(phases["p"]) < blocks and block < MAX_BLOCK_FACTOR * blocks:
+                token = MONITOR.start()
+                pair = {}
+                for side in (("p", "r") if block % 2 == 0 else ("r", "p")):
+                    fn = step_p if side == "p" else step_r
+                    pair[side] = [fn(x) for _ in range(10)]
+                if MONITOR.others_share(token) <= MAX_OTHERS_SHARE or \
+                        block >= MAX_BLOCK_FACTOR * blocks - (blocks - len(phases["p"])):
+                    for side in pair:
+                        phases[side].append(pair[side])
+                block += 1
+        med = {side: [1e3 * statistics.median(statistics.mean(s[i] for s in block)
+                                                for block in phases[side]) for i in range(3)]
+               for side in phases}
+        out.write(f"| {name} | {K} | {calls_p:.0f} / {calls_r:.0f} | {ops_p:.0f} / {ops_r:.0f} "
+                  f"| {mm_p:.0f} / {mm_r:.0f} | {med['p'][0]:.3f} / {med['r'][0]:.3f} "
+                  f"| {med['p'][1]:.3f} / {med['r'][1]:.3f} | {med['p'][2]:.3f} / "
+                  f"{med['r'][2]:.3f} |\n")
+        text = io.StringIO()
+        stats_p.stream = text
+        text.write(f"\n### cProfile, pyro-vae {name} (K={K}), {n_steps} steps (forward, backward "
+                   "and Adam), Pyro and pyro-vae functions by cumulative time\n")
+        stats_p.sort_stats("cumulative").print_stats(r"pyro/|pyro_vae/|models/|guides/", top)
+        details.append(text.getvalue())
+    out.write(pyro_pieces(config, data_shape, x, num_data))
+    return out.getvalue() + "".join(details)
+
+
+def pyro_pieces(config: Config, data_shape, x: torch.Tensor, num_data: int) -> str:
+    """Microbenchmarks (wall time, best of 5 runs) of the pieces a pyro-vae forward
+    adds to the hand-written one, and of one encoder forward (the second guide pass of
+    stl/dreg)."""
+    import pyro.poutine as poutine
+
+    pyro.clear_param_store()
+    vae = build_vae(config, data_shape)
+    prefix = vae._pyro_name
+    z_dist = vae.prior.distribution()
+
+    def best_us(fn, n=1000):
+        for _ in range(50):
+            fn()
+        runs = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            runs.append((time.perf_counter() - start) / n * 1e6)
+        return min(runs)
+
+    def modules():
+        for part in ("decoder", "prior", "likelihood", "encoder", "guide_family"):
+            pyro.module(f"{prefix}.{part}", getattr(vae, part))
+
+    def plates():
+        with pyro.plate("particles", 1, dim=-2), vae._data_plate(x, num_data):
+            pass
+
+    def one_site():
+        with pyro.plate("particles", 1, dim=-2), vae._data_plate(x, num_data):
+            pyro.sample("z", z_dist)
+
+    rows = []
+    with pyro.validation_enabled(False):
+        rows.append(("the 5 pyro.module registrations of model + guide, under poutine.trace",
+                     best_us(lambda: poutine.trace(modules).get_trace()),
+                     "1 (stl/dreg: + 2 more registrations)"))
+        rows.append(("enter/exit particles plate + subsampled data plate",
+                     best_us(plates), "2 (3 for stl/dreg)"))
+        rows.append(("one sample site in both plates, traced (incl. plates)",
+                     best_us(lambda: poutine.trace(one_site).get_trace()),
+                     "3 (4 for stl/dreg)"))
+        with torch.no_grad():
+            rows.append(("encoder forward (what the 2nd guide pass of stl/dreg recomputes)",
+                         best_us(lambda: vae.encoder(x)), "0 (1 for stl/dreg)"))
+    text = ["\n### Pieces of the pyro-vae forward (µs of wall time, best of 5 runs; "
+            f"{torch.get_num_threads()} threads)\n",
+            "| piece | µs | times per pyro-vae step |", "|---|---:|---|"]
+    text += [f"| {label} | {us:.0f} | {times} |" for label, us, times in rows]
+    return "\n".join(text) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| configuration | objective | K | pyro-vae ms/step | reference ms/step | ratio |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| configuration | objective | K | pyro-vae ms/step | reference ms/step | ratio "
+             "| block pairs used |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for row in rows:
+        timing = row.get("timing", {})
+        if not timing:
+            quiet = ""
+        elif timing["used"] == "quiet pairs":
+            quiet = f"{timing['pairs_quiet']} of {timing['pairs_run']}"
+        else:
+            quiet = f"all {timing['pairs_run']} (only {timing['pairs_quiet']} quiet: busy)"
         lines.append(f"| {row['configuration']} | {row['objective']} | {row['K']} | "
                      f"{row['pyro_vae_ms']:.3f} | {row['reference_ms']:.3f} | "
-                     f"{row['ratio']:.2f}× |")
+                     f"{row['ratio']:.2f}× | {quiet} |")
     return "\n".join(lines)
 
 
@@ -404,10 +629,15 @@ def main(argv=None) -> int:
                         help="skip the batch-1024 configuration; fewer evaluation repeats")
     parser.add_argument("--json", metavar="FILE", help="write the rows to FILE as JSON")
     parser.add_argument("--profile", action="store_true",
-                        help="also print cProfile summaries of pyro-vae steps (digits)")
+                        help="instead of the timing table, profile the digits configuration "
+                             "(Python calls, ATen ops, phase timings, cProfile, pieces)")
     parser.add_argument("--only", nargs="*", metavar="OBJECTIVE",
                         help="benchmark only these objectives")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads(N) (default: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     global OBJECTIVES
     if args.only:
@@ -417,6 +647,10 @@ def main(argv=None) -> int:
                    "machine": platform.machine(), "processor": platform.processor()}
     print(f"torch {environment['torch']}, pyro {environment['pyro']}, "
           f"{environment['threads']} torch threads", flush=True)
+    if args.profile:
+        print(profile_steps())
+        return 0
+    environment["loadavg_start"] = os.getloadavg()
     started = time.perf_counter()
     rows = []
     try:
@@ -424,16 +658,17 @@ def main(argv=None) -> int:
             if args.quick and not config.quick:
                 continue
             rows.extend(bench_config(config))
-        rows.append(bench_evaluation(repeats=2 if args.quick else 3))
+        rows.append(bench_evaluation(repeats=3 if args.quick else 5))
     except CheckFailed as exc:
         print(f"CORRECTNESS CHECK FAILED: {exc}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - started
+    environment["loadavg_end"] = os.getloadavg()
     print()
     print(markdown_table(rows))
-    print(f"\n(total {elapsed:.0f} s)")
-    if args.profile:
-        print(profile_steps())
+    print(f"\n(total {elapsed:.0f} s; 1-minute load average {environment['loadavg_start'][0]:.2f} "
+          f"at the start, {environment['loadavg_end'][0]:.2f} at the end, on "
+          f"{os.cpu_count()} CPUs: a load above ~1 means other processes shared the cores)")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"environment": environment, "quick": args.quick,

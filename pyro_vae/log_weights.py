@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 
 from .errors import ConfigError
@@ -100,6 +101,50 @@ def _parameters_detached(module: torch.nn.Module) -> Iterator[None]:
             owner._parameters[name] = parameter
 
 
+def _plain_vae(model: Callable, guide: Callable):
+    """The VAE whose unmodified ``model``/``guide`` these are, when nothing else is listening:
+    no Pyro handler is active (SVI's parameter capture, a user's ``poutine``). Then tracing
+    would add bookkeeping and nothing else: the site structure is fixed by construction, and
+    Pyro's validation switch also governs torch's argument and support checks, which the
+    distributions run either way."""
+    owner = getattr(model, "__self__", None)
+    if owner is None or getattr(guide, "__self__", None) is not owner:
+        return None
+    from .vae import VAE
+
+    if (not isinstance(owner, VAE) or type(owner).model is not VAE.model
+            or type(owner).guide is not VAE.guide or _PYRO_STACK):
+        return None
+    return owner
+
+
+def _vae_log_weights(vae, particles: int, stop_guide_gradient: bool, x: torch.Tensor,
+                     y: torch.Tensor | None = None, num_data: int | None = None) -> LogWeights:
+    """The same quantities as the traced path, computed from the VAE's components directly:
+    z ~ q(z|x) with the particle dimension leftmost (the same random draws as Pyro's
+    plate-expanded sample), then log p(x|z), log p(z), log q(z|x) per particle and datapoint."""
+    batch = x.shape[0]
+    if num_data is not None and num_data < batch:
+        raise ConfigError(f"num_data ({num_data}) is smaller than the batch ({batch})")
+    encoded = vae.encoder_output(x, y)
+    guide = vae.guide_family.distribution(encoded)
+    z = guide.rsample((particles,))
+    if stop_guide_gradient:
+        # q scored with φ stopped: the same guide family on the detached encoder output, with the
+        # family's own parameters detached; only the path through z carries gradient
+        with _parameters_detached(vae.guide_family):
+            log_guide = vae.guide_family.distribution(encoded.detach()).log_prob(z)
+    else:
+        log_guide = guide.log_prob(z)
+    prior = vae.prior.distribution()
+    log_prior = prior.log_prob(z)
+    log_likelihood = vae.decode(z, y).log_prob(x)
+    shape = (particles, batch)
+    site = LatentSite(z, prior.expand(shape), guide.expand(shape))
+    return LogWeights(log_likelihood, log_prior, log_guide,
+                      1.0 if num_data is None else num_data / batch, {"z": site})
+
+
 def log_weights(model: Callable, guide: Callable, *args, particles: int = 1,
                 stop_guide_gradient: bool = False, **kwargs) -> LogWeights:
     """Trace ``guide`` and replay ``model`` against it with ``particles`` vectorized particles.
@@ -107,6 +152,10 @@ def log_weights(model: Callable, guide: Callable, *args, particles: int = 1,
     Both programs must place every sample site inside the plate ``"data"`` (dim −1), as
     :class:`pyro_vae.VAE` does; the particle plate takes dim −2. The result is differentiable
     with respect to both programs' parameters through reparameterized samples.
+
+    For an unmodified :class:`pyro_vae.VAE` with no Pyro handler active (how
+    :func:`pyro_vae.fit` and :func:`pyro_vae.evaluate` run), the same numbers are computed from
+    its components without tracing; a test holds the two paths equal.
 
     With ``stop_guide_gradient`` the guide is scored a second time at the same z with its
     parameters detached, so log q(z|x) keeps only the gradient through z(φ, ε): the "path"
@@ -117,10 +166,13 @@ def log_weights(model: Callable, guide: Callable, *args, particles: int = 1,
     """
     if not isinstance(particles, int) or particles < 1:
         raise ConfigError(f"particles must be a positive integer, not {particles!r}")
+    vae = _plain_vae(model, guide)
+    if vae is not None:
+        return _vae_log_weights(vae, particles, stop_guide_gradient, *args, **kwargs)
     with pyro.plate("particles", particles, dim=-2):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-        scored_trace = guide_trace
+        scored_trace, stopped = guide_trace, {}
         if stop_guide_gradient:
             owner = getattr(guide, "__self__", None)
             if not isinstance(owner, torch.nn.Module):
@@ -131,6 +183,11 @@ def log_weights(model: Callable, guide: Callable, *args, particles: int = 1,
                 warnings.filterwarnings("ignore", message=".*not registered in the param store")
                 scored_trace = poutine.trace(poutine.replay(guide, trace=guide_trace)).get_trace(
                     *args, **kwargs)
+                # score while the parameters read detached: a flow's inverse runs lazily
+                # inside log_prob, and must not see the live parameters
+                stopped = {name: _site_log_prob(site) for name, site in scored_trace.nodes.items()
+                           if site["type"] == "sample" and not site["is_observed"]
+                           and not site_is_subsample(site)}
 
     shape = None
     log_likelihood = log_prior = log_guide = 0.0
@@ -152,7 +209,7 @@ def log_weights(model: Callable, guide: Callable, *args, particles: int = 1,
         if not site["fn"].has_rsample:
             raise ConfigError(f"guide site {name!r} is not reparameterizable; "
                               "these bounds need pathwise gradients")
-        log_guide = log_guide + _site_log_prob(site)
+        log_guide = log_guide + (stopped[name] if name in stopped else _site_log_prob(site))
         if name in model_trace.nodes:
             sites[name] = LatentSite(site["value"], model_trace.nodes[name]["fn"], site["fn"])
     if shape is None or len(shape) != 2:

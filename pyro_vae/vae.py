@@ -155,9 +155,13 @@ class VAE(nn.Module):
             raise ConfigError(f"labels must be integers in 0..{self.num_classes - 1}")
         return torch.nn.functional.one_hot(y.long(), self.num_classes).to(torch.get_default_dtype())
 
+    def encoder_output(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder network's output g_φ(x[, y]), which parameterizes the guide family."""
+        return self.encoder(x, self.one_hot(y, x.shape[0]))
+
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> pyro.distributions.Distribution:
         """q_φ(z | x[, y]) for a batch ``x`` of shape ``[batch, data_dim]``."""
-        return self.guide_family.distribution(self.encoder(x, self.one_hot(y, x.shape[0])))
+        return self.guide_family.distribution(self.encoder_output(x, y))
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> pyro.distributions.Distribution:
         """p_θ(x | z[, y]) for latents ``z`` of shape ``[..., latent_dim]``."""
