@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "model/guide pairs: train, evaluate and sample.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    def add_scoring_arguments(command: argparse.ArgumentParser, data_help: str) -> None:
+        """The flags of the commands that score a trained run on a split with K particles."""
+        command.add_argument("--data", metavar="NAME|PATH", help=data_help)
+        command.add_argument("--split", choices=SPLITS, default="test")
+        command.add_argument("--particles", type=_positive_int, default=1000, metavar="K")
+        command.add_argument("--seed", type=_integer, default=0, metavar="S")
+        command.add_argument("--json", action="store_true", help="print one JSON object")
+
     def add_model_arguments(command: argparse.ArgumentParser) -> None:
         # None means "not given": the TOML file or TRAIN_DEFAULTS supply the value.
         command.add_argument("--config", metavar="FILE.toml",
@@ -159,13 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="bounds and log-likelihood of a trained run")
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
-    evaluate.add_argument("--data", metavar="NAME|PATH", help="default: the run's data")
-    evaluate.add_argument("--split", choices=SPLITS, default="test")
-    evaluate.add_argument("--particles", type=_positive_int, default=1000, metavar="K")
+    add_scoring_arguments(evaluate, "default: the run's data")
     evaluate.add_argument("--batch-size", type=_positive_int, default=256, metavar="B")
-    evaluate.add_argument("--seed", type=int, default=0, metavar="S")
     evaluate.add_argument("--device", default="cpu", metavar="auto|cpu|cuda[:i]")
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
     compare = commands.add_parser(
         "compare-estimators", help="bound, gradient SNR/variance and speed of ELBO estimators",
@@ -194,11 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(Yao et al. 2018), active units, KL per latent dimension and posterior "
                     "collapse; the ArviZ InferenceData goes to RUN_DIR/diagnostics.nc.")
     diagnose.add_argument("run_dir", metavar="RUN_DIR")
-    diagnose.add_argument("--data", metavar="NAME|PATH", help="default: the run's data")
-    diagnose.add_argument("--split", choices=SPLITS, default="test")
-    diagnose.add_argument("--particles", type=_positive_int, default=1000, metavar="K")
-    diagnose.add_argument("--seed", type=_integer, default=0, metavar="S")
-    diagnose.add_argument("--json", action="store_true", help="print one JSON object")
+    add_scoring_arguments(diagnose, "default: the run's data")
 
     compare_runs = commands.add_parser(
         "compare", help="held-out comparison of two runs with a standard error",
@@ -206,11 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "datapoints: the difference, its standard error and an elpd-style table.")
     compare_runs.add_argument("run_a", metavar="RUN_A")
     compare_runs.add_argument("run_b", metavar="RUN_B")
-    compare_runs.add_argument("--data", metavar="NAME|PATH", help="default: RUN_A's data")
-    compare_runs.add_argument("--split", choices=SPLITS, default="test")
-    compare_runs.add_argument("--particles", type=_positive_int, default=1000, metavar="K")
-    compare_runs.add_argument("--seed", type=_integer, default=0, metavar="S")
-    compare_runs.add_argument("--json", action="store_true", help="print one JSON object")
+    add_scoring_arguments(compare_runs, "default: RUN_A's data")
 
     explore = commands.add_parser(
         "explore", help="interpolation, traversals, anomalies, latent scatter and a probe",

@@ -7,7 +7,6 @@ against thresholds derived from chance (hypergeometric and binomial), not hand-p
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -28,24 +27,11 @@ def digits():
     return load_data("digits")
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Small matrices gain nothing from a second intra-op thread, and on a busy 2-core machine
-    two threads contend (training below ran 5-7x slower so); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vae(digits):
     pyro.set_rng_seed(0)
     model = VAE(digits.data_shape, 8, hidden=(128,))
-    with one_thread():
-        fit(model, digits, "elbo", epochs=60, progress=False, device="cpu")
+    fit(model, digits, "elbo", epochs=60, progress=False, device="cpu")
     return model
 
 
@@ -53,8 +39,7 @@ def vae(digits):
 def cvae(digits):
     pyro.set_rng_seed(0)
     model = VAE(digits.data_shape, 2, hidden=(32,), conditional=True, num_classes=10)
-    with one_thread():
-        fit(model, digits, "elbo", epochs=3, progress=False, device="cpu")
+    fit(model, digits, "elbo", epochs=3, progress=False, device="cpu")
     return model
 
 

@@ -23,15 +23,6 @@ from pyro_vae.errors import ConfigError, PyroVAEError
 from conftest import make_linear_gaussian, set_diagonal_guide
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks: one intra-op thread is as fast, and far faster on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_data("digits")

@@ -360,16 +360,6 @@ def test_every_likelihood_is_registered_under_its_name():
 
 
 # -- a short training run each -------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These networks are tiny: one intra-op thread is as fast, and far faster on a busy machine
-    (two threads per process oversubscribe a loaded two-core box ~5×). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return pyro_vae.load_data("digits")
