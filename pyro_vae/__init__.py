@@ -14,12 +14,12 @@ from .log_weights import LogWeights, log_weights
 from .objectives import OBJECTIVES, make_objective
 from .registry import register
 from .runs import Run, load_run
-from .training import FitResult, fit
+from .training import FitResult, fit, resume
 from .vae import VAE
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "VAE", "fit", "evaluate", "load_run", "load_data", "log_weights", "make_objective",
+    "VAE", "fit", "resume", "evaluate", "load_run", "load_data", "log_weights", "make_objective",
     "register", "Dataset", "Evaluation", "FitResult", "LogWeights", "Run", "PyroVAEError", "OBJECTIVES",
 ]
