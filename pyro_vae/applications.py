@@ -485,23 +485,9 @@ def _batch(vae, x, name: str) -> torch.Tensor:
 
 
 def _labels(vae, y, n: int | None) -> torch.Tensor | None:
-    """Integer labels for the encoder/decoder of a conditional VAE (``[n]``; a scalar is
-    broadcast when ``n`` is given); ``None`` for an unconditional VAE."""
-    if not vae.conditional:
-        if y is not None:
-            raise ConfigError("labels y were given to a VAE that is not conditional")
-        return None
-    if y is None:
-        raise ConfigError("a conditional VAE needs labels y")
-    try:
-        y = torch.as_tensor(y).detach().cpu()
-    except (TypeError, ValueError, RuntimeError):
-        raise ConfigError(f"labels must be integers in 0..{vae.num_classes - 1}") from None
-    if y.dtype.is_floating_point or y.is_complex() or y.dtype == torch.bool or y.ndim > 1 or \
-            bool(((y < 0) | (y >= vae.num_classes)).any()):
-        raise ConfigError(f"labels must be integers in 0..{vae.num_classes - 1}")
-    y = y.long()
-    return y.expand(n) if y.ndim == 0 and n is not None else y
+    """The VAE's checked labels (:meth:`~pyro_vae.VAE.labels`), on the CPU."""
+    y = vae.labels(y, n)
+    return None if y is None else y.detach().cpu()
 
 
 def _one_label(vae, y) -> torch.Tensor | None:

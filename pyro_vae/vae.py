@@ -140,20 +140,32 @@ class VAE(nn.Module):
         return next(itertools.chain(self.parameters(), self.buffers())).device
 
     # -- the two halves as distributions -------------------------------------------------------
-    def one_hot(self, y: torch.Tensor | int | None, batch: int | None = None) -> torch.Tensor | None:
-        """The label context of a conditional VAE (``None`` for an unconditional one)."""
+    def labels(self, y, batch: int | None = None) -> torch.Tensor | None:
+        """Checked integer labels of a conditional VAE on its device (a scalar is broadcast to
+        ``batch`` when given); ``None`` for an unconditional VAE, which refuses labels."""
         if not self.conditional:
             if y is not None:
                 raise ConfigError("labels y were given to a VAE that is not conditional")
             return None
         if y is None:
             raise ConfigError("a conditional VAE needs labels y")
-        y = torch.as_tensor(y, device=self.device)
-        if y.ndim == 0:
-            y = y.expand(batch or 1)
-        if y.dtype.is_floating_point or bool(((y < 0) | (y >= self.num_classes)).any()):
-            raise ConfigError(f"labels must be integers in 0..{self.num_classes - 1}")
-        return torch.nn.functional.one_hot(y.long(), self.num_classes).to(torch.get_default_dtype())
+        message = f"labels must be integers in 0..{self.num_classes - 1}"
+        try:
+            y = torch.as_tensor(y, device=self.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ConfigError(message) from None
+        if (y.dtype.is_floating_point or y.is_complex() or y.dtype == torch.bool or y.ndim > 1
+                or bool(((y < 0) | (y >= self.num_classes)).any())):
+            raise ConfigError(message)
+        y = y.long()
+        return y.expand(batch) if y.ndim == 0 and batch is not None else y
+
+    def one_hot(self, y: torch.Tensor | int | None, batch: int | None = None) -> torch.Tensor | None:
+        """The label context of a conditional VAE (``None`` for an unconditional one)."""
+        y = self.labels(y, batch or 1)
+        if y is None:
+            return None
+        return torch.nn.functional.one_hot(y, self.num_classes).to(torch.get_default_dtype())
 
     def encoder_output(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder network's output g_φ(x[, y]), which parameterizes the guide family."""
