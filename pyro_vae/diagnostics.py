@@ -35,8 +35,7 @@ import torch
 
 from .data import Dataset
 from .errors import ConfigError, PyroVAEError
-from .evaluation import _CHUNK_FLOATS, evaluate, particle_chunk
-from .log_weights import log_weights
+from .evaluation import _CHUNK_FLOATS, evaluate, scored_batches
 from .training import check_compatible, labels_for
 
 #: A latent dimension whose KL(q ‖ p), averaged over datapoints, is below this (nats) has
@@ -226,39 +225,26 @@ def _check_positive_int(what: str, value) -> None:
 @torch.no_grad()
 def _draw(vae, x, y, particles: int, seed: int, batch_size: int, latents: bool) -> dict:
     """Log-density terms [K, N] (and z [K, N, d]) of K guide particles per datapoint."""
-    n, device = x.shape[0], vae.device
+    n = x.shape[0]
     out = {name: np.empty((particles, n), dtype=np.float32)
            for name in ("log_weight", "log_likelihood", "log_prior", "log_guide")}
     out["z"] = np.empty((particles, n, vae.latent_dim), dtype=np.float32) if latents else None
-    was_training = vae.training
-    vae.eval()
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
-            torch.manual_seed(seed)
-            for start in range(0, n, batch_size):
-                xb = x[start:start + batch_size]
-                yb = None if y is None else y[start:start + batch_size]
-                stop = start + xb.shape[0]
-                chunk = particle_chunk(vae, xb.shape[0], particles)
-                done = 0
-                while done < particles:
-                    k = min(chunk, particles - done)
-                    weights = log_weights(vae.model, vae.guide, xb, yb, particles=k)
-                    rows = slice(done, done + k)
-                    out["log_weight"][rows, start:stop] = weights.total().cpu().numpy()
-                    out["log_likelihood"][rows, start:stop] = weights.log_likelihood.cpu().numpy()
-                    out["log_prior"][rows, start:stop] = weights.log_prior.cpu().numpy()
-                    out["log_guide"][rows, start:stop] = weights.log_guide.cpu().numpy()
-                    if latents:
-                        z = weights.latents
-                        if z is None or z.shape != (k, xb.shape[0], vae.latent_dim):
-                            raise PyroVAEError("the guide has no latent site 'z' of shape "
-                                               "[particles, batch, latent_dim]")
-                        out["z"][rows, start:stop] = z.cpu().numpy()
-                    done += k
-    finally:
-        vae.train(was_training)
+    for start, xb, _, chunks in scored_batches(vae, x, y, particles, batch_size, seed):
+        stop, done = start + xb.shape[0], 0
+        for weights in chunks:
+            k = weights.particles
+            rows = slice(done, done + k)
+            out["log_weight"][rows, start:stop] = weights.total().cpu().numpy()
+            out["log_likelihood"][rows, start:stop] = weights.log_likelihood.cpu().numpy()
+            out["log_prior"][rows, start:stop] = weights.log_prior.cpu().numpy()
+            out["log_guide"][rows, start:stop] = weights.log_guide.cpu().numpy()
+            if latents:
+                z = weights.latents
+                if z is None or z.shape != (k, xb.shape[0], vae.latent_dim):
+                    raise PyroVAEError("the guide has no latent site 'z' of shape "
+                                       "[particles, batch, latent_dim]")
+                out["z"][rows, start:stop] = z.cpu().numpy()
+            done += k
     return out
 
 

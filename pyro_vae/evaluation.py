@@ -72,6 +72,38 @@ class Evaluation:
         }
 
 
+def scored_batches(vae, x_all, labels, particles: int, batch_size: int, seed: int):
+    """Score ``x_all`` batch by batch with K = ``particles`` guide particles per datapoint.
+
+    Yields ``(start, x, y, chunks)`` per batch, where ``chunks`` yields the batch's
+    :class:`~pyro_vae.log_weights.LogWeights` in particle chunks of bounded memory. Runs in
+    eval mode with Pyro's validation off, under a forked random-number state seeded with
+    ``seed``: the same seed gives the same particles to every consumer (``evaluate``,
+    the diagnostics) and leaves the caller's random state untouched.
+    """
+    device = vae.device
+    was_training = vae.training
+    vae.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                pyro.validation_enabled(False):
+            torch.manual_seed(seed)
+            for start in range(0, x_all.shape[0], batch_size):
+                x = x_all[start:start + batch_size]
+                y = None if labels is None else labels[start:start + batch_size]
+                yield start, x, y, _particle_chunks(vae, x, y, particles)
+    finally:
+        vae.train(was_training)
+
+
+def _particle_chunks(vae, x: torch.Tensor, y, particles: int):
+    chunk, done = particle_chunk(vae, x.shape[0], particles), 0
+    while done < particles:
+        k = min(chunk, particles - done)
+        yield log_weights(vae.model, vae.guide, x, y, particles=k)
+        done += k
+
+
 def particle_chunk(vae, batch: int, particles: int) -> int:
     """Particles per pass so that one activation tensor stays under ``_CHUNK_FLOATS`` floats.
 
@@ -118,46 +150,32 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
     device = vae.device
     x_all = x_all.to(device)
     labels = None if labels is None else labels.to(device)
-    was_training = vae.training
-    vae.eval()
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in
                                            ("elbo", "ll", "rec", "kl", "ess", "mcse", "mean")}
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
-            torch.manual_seed(seed)
-            batches = range(0, x_all.shape[0], batch_size)
-            for start in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
-                x = x_all[start:start + batch_size]
-                y = None if labels is None else labels[start:start + batch_size]
-                chunk = particle_chunk(vae, x.shape[0], particles)
-                lse_w = torch.full((x.shape[0],), -math.inf, device=device)
-                lse_2w = lse_w.clone()
-                sum_w = torch.zeros(x.shape[0], device=device)
-                sum_rec = sum_w.clone()
-                mean_latents = sum_w.new_zeros(x.shape[0], vae.latent_dim)
-                done = 0
-                while done < particles:
-                    k = min(chunk, particles - done)
-                    weights = log_weights(vae.model, vae.guide, x, y, particles=k)
-                    log_w = weights.total()
-                    lse_w = torch.logaddexp(lse_w, torch.logsumexp(log_w, 0))
-                    lse_2w = torch.logaddexp(lse_2w, torch.logsumexp(2 * log_w, 0))
-                    sum_w += log_w.sum(0)
-                    sum_rec += weights.log_likelihood.sum(0)
-                    if weights.latents is not None:
-                        mean_latents += weights.latents.sum(0) / particles
-                    done += k
-                ess = torch.exp(2 * lse_w - lse_2w)
-                rows["elbo"].append(sum_w / particles)
-                rows["rec"].append(sum_rec / particles)
-                rows["kl"].append((sum_rec - sum_w) / particles)
-                rows["ll"].append(lse_w - math.log(particles))
-                rows["ess"].append(ess)
-                rows["mcse"].append(((particles / ess - 1).clamp(min=0) / particles).sqrt())
-                rows["mean"].append(_posterior_mean(vae, x, y, mean_latents))
-    finally:
-        vae.train(was_training)
+    batches = scored_batches(vae, x_all, labels, particles, batch_size, seed)
+    for _, x, y, chunks in tqdm(batches, total=math.ceil(x_all.shape[0] / batch_size),
+                                desc="evaluate", disable=not progress, leave=False):
+        lse_w = torch.full((x.shape[0],), -math.inf, device=device)
+        lse_2w = lse_w.clone()
+        sum_w = torch.zeros(x.shape[0], device=device)
+        sum_rec = sum_w.clone()
+        mean_latents = sum_w.new_zeros(x.shape[0], vae.latent_dim)
+        for weights in chunks:
+            log_w = weights.total()
+            lse_w = torch.logaddexp(lse_w, torch.logsumexp(log_w, 0))
+            lse_2w = torch.logaddexp(lse_2w, torch.logsumexp(2 * log_w, 0))
+            sum_w += log_w.sum(0)
+            sum_rec += weights.log_likelihood.sum(0)
+            if weights.latents is not None:
+                mean_latents += weights.latents.sum(0) / particles
+        ess = torch.exp(2 * lse_w - lse_2w)
+        rows["elbo"].append(sum_w / particles)
+        rows["rec"].append(sum_rec / particles)
+        rows["kl"].append((sum_rec - sum_w) / particles)
+        rows["ll"].append(lse_w - math.log(particles))
+        rows["ess"].append(ess)
+        rows["mcse"].append(((particles / ess - 1).clamp(min=0) / particles).sqrt())
+        rows["mean"].append(_posterior_mean(vae, x, y, mean_latents))
     cat = {k: torch.cat(v).cpu() for k, v in rows.items()}
     return Evaluation(elbo=cat["elbo"], log_likelihood=cat["ll"], reconstruction=cat["rec"],
                       kl=cat["kl"], ess=cat["ess"], log_likelihood_mc_se=cat["mcse"],

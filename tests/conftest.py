@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pyro_vae import VAE
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -14,7 +13,6 @@ from torch import nn
 import pyro_vae
 from pyro_vae import VAE, evaluate, fit, load_data, load_run
 from pyro_vae.errors import ConfigError, PyroVAEError
-from pyro_vae.objectives import make_objective
 
 
 @pytest.fixture(scope="module")

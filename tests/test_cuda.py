@@ -9,7 +9,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae import VAE, evaluate, fit, load_data, load_run
+from pyro_vae import VAE, evaluate, fit, load_data
 from pyro_vae.cli import main
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import subprocess
@@ -10,7 +9,6 @@ import sys
 import textwrap
 
 import pyro
-import pytest
 import torch
 
 from pyro_vae import VAE, load_data
