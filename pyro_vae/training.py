@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -158,14 +159,21 @@ def dry_run(vae, objective, dataset: Dataset) -> None:
     x = dataset.train[:2].to(vae.device)
     y = labels_for(vae, dataset, "train")
     y = None if y is None else y[:2].to(vae.device)
+    with _refusals("the model cannot be scored on the data"), torch.no_grad(), \
+            pyro.validation_enabled(True):
+        objective.differentiable_loss(vae.model, vae.guide, x, y)
+
+
+@contextmanager
+def _refusals(what: str):
+    """Pyro's and torch's validation errors (raised as ValueError & co.) become one line."""
     try:
-        with torch.no_grad(), pyro.validation_enabled(True):
-            objective.differentiable_loss(vae.model, vae.guide, x, y)
+        yield
     except (ValueError, NotImplementedError, RuntimeError) as exc:
         if isinstance(exc, PyroVAEError):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
-        raise TrainingError(f"the model cannot be scored on the data: {first}") from exc
+        raise TrainingError(f"{what}: {first}") from exc
 
 
 def fit(vae, data: Dataset | str | Path | torch.Tensor, objective: str = "elbo", *,
@@ -365,14 +373,9 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                     if config.anneal_steps:
                         loss_fn.beta = config.beta * min(1.0, state.step / config.anneal_steps)
                     if validate_next:
-                        with pyro.validation_enabled(True):
-                            try:
-                                loss = loss_module(x, y, num_data=num_data)
-                            except (ValueError, NotImplementedError) as exc:
-                                if isinstance(exc, PyroVAEError):
-                                    raise
-                                first = str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
-                                raise TrainingError(f"the first training step failed: {first}") from exc
+                        with _refusals("the first training step failed"), \
+                                pyro.validation_enabled(True):
+                            loss = loss_module(x, y, num_data=num_data)
                         validate_next = False
                     else:
                         loss = loss_module(x, y, num_data=num_data)
