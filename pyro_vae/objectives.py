@@ -177,7 +177,11 @@ class MeanFieldELBO(CoreObjective, TraceMeanField_ELBO):
                 kl_per_dim = kl_divergence(self._factor(site.guide, "guide"),
                                            self._factor(site.prior, "prior"))
             except NotImplementedError:
-                self._kl("z", site)  # raises the explanation
+                raise ConfigError(
+                    "objective 'meanfield' with free bits needs a closed-form KL per latent "
+                    f"dimension, and none is registered between the factors of "
+                    f"{type(site.guide).__name__} and {type(site.prior).__name__}; use 'elbo'"
+                ) from None
             return reconstruction - self.beta * self._free_bits_kl(kl_per_dim)
         kl = 0.0
         for name, site in weights.sites.items():
