@@ -127,6 +127,29 @@ class LaplacePrior(nn.Module):
         return {"scale": self.scale_value}
 
 
+class _StudentT(dist.StudentT):
+    """Pyro's ``StudentT`` built without a host upload: torch's constructor makes its χ²
+    (used for sampling) as ``Chi2(df)`` = ``Gamma(df / 2, 0.5)``, turning the Python 0.5 into a
+    new device tensor, a synchronous copy on a GPU at every step. Here the rate is filled on the
+    device. Same distribution, same values."""
+
+    def __init__(self, df: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                 validate_args=None):
+        self.df, self.loc, self.scale = torch.broadcast_tensors(df, loc, scale)
+        self._chi2 = dist.Gamma(0.5 * self.df, torch.full_like(self.df, 0.5))
+        torch.distributions.Distribution.__init__(self, self.df.size(),
+                                                  validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None) -> "_StudentT":
+        batch_shape = torch.Size(batch_shape)
+        new = self._get_checked_instance(_StudentT, _instance)
+        new.df, new.loc, new.scale = (t.expand(batch_shape) for t in (self.df, self.loc, self.scale))
+        new._chi2 = self._chi2.expand(batch_shape)
+        torch.distributions.Distribution.__init__(new, batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+
 class StudentTPrior(nn.Module):
     """p(z) = Π_d StudentT(z_d; ν, 0, 1), ν = ``df`` > 0 (default 5): polynomial tails; the
     variance ν/(ν − 2) exists for ν > 2 only."""
@@ -143,7 +166,7 @@ class StudentTPrior(nn.Module):
         self.register_buffer("scale", torch.ones(latent_dim))
 
     def distribution(self) -> dist.Distribution:
-        return dist.StudentT(self.df_vector, self.loc, self.scale).to_event(1)
+        return _StudentT(self.df_vector, self.loc, self.scale).to_event(1)
 
     def options(self) -> dict:
         return {"df": self.df}

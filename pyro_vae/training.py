@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed, runs
-from .data import Dataset, from_array, iter_chunks, load_data
+from .data import Dataset, LazyRows, from_array, iter_chunks, load_data
 from .errors import ConfigError, PyroVAEError
 from .evaluation import evaluate
 from .log_weights import log_weights
@@ -129,6 +129,13 @@ def check_compatible(vae, dataset: Dataset) -> None:
         if dataset.num_classes > vae.num_classes:
             raise ConfigError(f"data {dataset.name!r} have {dataset.num_classes} classes, but the "
                               f"VAE was built for {vae.num_classes}")
+        with pyro.validation_enabled(True):  # every label once, so steps need not check
+            for split in ("train", "val", "test"):
+                labels = dataset.split_labels(split)
+                try:
+                    vae.labels(labels)
+                except ConfigError as exc:
+                    raise ConfigError(f"{split} labels of {dataset.name!r}: {exc}") from None
     for split in ("train", "val", "test"):
         for chunk in iter_chunks(dataset.rows(split)):  # streamed for memory-mapped data
             vae.likelihood.check_support(chunk)
@@ -284,7 +291,7 @@ def _load_state(checkpoint: dict, vae, optimizer, order_generator: torch.Generat
     order = checkpoint["order"]
     return _LoopState(epoch=int(checkpoint["epoch"]), position=int(checkpoint["position"]),
                       step=int(checkpoint["step"]),
-                      order=None if order is None else order.to(vae.device),
+                      order=order,  # placed by the loop (device or host)
                       loss_sum=float(checkpoint["loss_sum"]))
 
 
@@ -342,6 +349,20 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
     order_generator = torch.Generator().manual_seed(config.seed)
     state = _LoopState() if checkpoint is None else _load_state(checkpoint, vae, optimizer,
                                                                 order_generator)
+    # Minibatch indices live where the rows are read: on the device for in-memory data, on the
+    # host for memory-mapped rows (read there, so a device-side order would be copied back every
+    # step, a synchronisation on a GPU); pinned on CUDA so that the labels' indices go up
+    # asynchronously.
+    streamed = isinstance(train, LazyRows)
+    index_device = torch.device("cpu") if streamed else torch_device
+    pin = streamed and torch_device.type == "cuda"
+
+    def placed(order: torch.Tensor) -> torch.Tensor:
+        order = order.to(index_device)
+        return order.pin_memory() if pin else order
+
+    if state.order is not None:
+        state.order = placed(state.order)
     history = list(history or [])
     steps_per_epoch = math.ceil(num_data / config.batch_size)
     started = time.perf_counter()
@@ -360,7 +381,7 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
             while state.epoch <= config.epochs:
                 epoch_start = time.perf_counter()
                 if state.order is None:
-                    state.order = torch.randperm(num_data, generator=order_generator).to(torch_device)
+                    state.order = placed(torch.randperm(num_data, generator=order_generator))
                     state.position, state.loss_sum = 0, 0.0
                 loss_sum = torch.tensor(state.loss_sum, device=torch_device)
                 while state.position < num_data:
@@ -369,7 +390,8 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                     x = train[batch]
                     if dataset.dynamic_binarization:
                         x = torch.bernoulli(x)
-                    y = None if train_labels is None else train_labels[batch]
+                    y = (None if train_labels is None
+                         else train_labels[batch.to(torch_device, non_blocking=True)])
                     if config.anneal_steps:
                         loss_fn.beta = config.beta * min(1.0, state.step / config.anneal_steps)
                     if validate_next:

@@ -23,6 +23,7 @@ import math
 from typing import Any, Sequence
 
 import pyro
+from pyro.distributions.util import is_validation_enabled
 import torch
 from torch import nn
 
@@ -142,7 +143,12 @@ class VAE(nn.Module):
     # -- the two halves as distributions -------------------------------------------------------
     def labels(self, y, batch: int | None = None) -> torch.Tensor | None:
         """Checked integer labels of a conditional VAE on its device (a scalar is broadcast to
-        ``batch`` when given); ``None`` for an unconditional VAE, which refuses labels."""
+        ``batch`` when given); ``None`` for an unconditional VAE, which refuses labels.
+
+        The range 0..num_classes−1 is checked while Pyro's validation is on (the default), as
+        Pyro checks a distribution's support: reading the check's result is a host
+        synchronisation on a GPU, so training checks every split's labels once, up front, and
+        its steps run with validation off."""
         if not self.conditional:
             if y is not None:
                 raise ConfigError("labels y were given to a VAE that is not conditional")
@@ -154,8 +160,9 @@ class VAE(nn.Module):
             y = torch.as_tensor(y, device=self.device)
         except (TypeError, ValueError, RuntimeError):
             raise ConfigError(message) from None
-        if (y.dtype.is_floating_point or y.is_complex() or y.dtype == torch.bool or y.ndim > 1
-                or bool(((y < 0) | (y >= self.num_classes)).any())):
+        if y.dtype.is_floating_point or y.is_complex() or y.dtype == torch.bool or y.ndim > 1:
+            raise ConfigError(message)
+        if is_validation_enabled() and bool(((y < 0) | (y >= self.num_classes)).any()):
             raise ConfigError(message)
         y = y.long()
         return y.expand(batch) if y.ndim == 0 and batch is not None else y
@@ -165,7 +172,9 @@ class VAE(nn.Module):
         y = self.labels(y, batch or 1)
         if y is None:
             return None
-        return torch.nn.functional.one_hot(y, self.num_classes).to(torch.get_default_dtype())
+        # a comparison, not F.one_hot: that reads the labels' min and max back on a CPU
+        classes = torch.arange(self.num_classes, device=y.device)
+        return (y.unsqueeze(-1) == classes).to(torch.get_default_dtype())
 
     def encoder_output(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder network's output g_φ(x[, y]), which parameterizes the guide family."""

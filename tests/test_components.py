@@ -81,6 +81,29 @@ def test_conditional_vae_needs_labels(digits):
         fit(vae, unlabelled, epochs=1, progress=False)
 
 
+def test_labels_out_of_range_are_refused_before_training(digits):
+    vae = VAE(digits.data_shape, 2, hidden=(8,), conditional=True, num_classes=10)
+    with pytest.raises(ConfigError, match=r"integers in 0\.\.9"):
+        vae.encode(digits.train[:2], torch.tensor([3, 10]))
+    with pytest.raises(ConfigError, match=r"integers in 0\.\.9"):
+        vae.encode(digits.train[:2], torch.tensor([-1, 3]))
+    # with Pyro's validation off (how training steps run) the range is not read back: a label
+    # outside it has an all-zero one-hot context
+    with pyro.validation_enabled(False):
+        assert torch.equal(vae.one_hot(torch.tensor([10, 2])),
+                           torch.eye(10)[[2]].expand(2, 10) * torch.tensor([[0.0], [1.0]]))
+    # so fit checks every split's labels once, up front, naming the split
+    labels = dict(digits.labels)
+    labels["val"] = labels["val"].clone()
+    labels["val"][5] = -1
+    broken = pyro_vae.data.Dataset(digits.name, digits.data_shape, digits.train, digits.val,
+                                   digits.test, labels)
+    before = [p.detach().clone() for p in vae.parameters()]
+    with pytest.raises(ConfigError, match=r"^val labels of 'digits': labels must be integers"):
+        fit(vae, broken, epochs=1, progress=False, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(before, vae.parameters()))
+
+
 @pyro_vae.register("prior", "test-logistic")
 class LogisticPrior(nn.Module):
     """A user-written prior: independent standard logistic coordinates, with a learned scale."""
