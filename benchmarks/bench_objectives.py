@@ -60,8 +60,11 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 
 import pyro_vae
 from pyro_vae import VAE, evaluate, make_objective
+from pyro_vae.training import resolve_device
 
 LR = 1e-3
+#: where the VAEs, the data and the reference run (``--device``)
+DEVICE = torch.device("cpu")
 REL_TOL = 1e-5
 GRAD_TOL = 1e-4  # max |g_pyro - g_ref| / max |g_ref|, per parameter tensor
 
@@ -100,18 +103,25 @@ OBJECTIVES = [
 ]
 
 
-def load_train(config: Config) -> tuple[torch.Tensor, tuple]:
+def load_train(config: Config, rows: int = 10_000) -> tuple[torch.Tensor, tuple]:
+    """The configuration's training data, on ``DEVICE``."""
     if config.data == "digits":
         dataset = pyro_vae.load_data("digits")
-        return dataset.train, dataset.data_shape
+        return dataset.train.to(DEVICE), dataset.data_shape
     generator = torch.Generator().manual_seed(1234)
-    return torch.rand(10_000, 784, generator=generator), (784,)
+    return torch.rand(rows, 784, generator=generator).to(DEVICE), (784,)
 
 
 def build_vae(config: Config, data_shape, seed: int = 0) -> VAE:
     torch.manual_seed(seed)
     return VAE(data_shape, latent_dim=config.latent, hidden=config.hidden,
-               likelihood="bernoulli", guide="normal", prior="normal")
+               likelihood="bernoulli", guide="normal", prior="normal").to(DEVICE)
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timed block includes its kernels."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,8 +134,8 @@ class Reference:
     def __init__(self, vae: VAE, name: str, particles: int, alpha: float = 0.5):
         self.vae, self.name, self.K, self.alpha = vae, name, particles, alpha
         self.min_scale = vae.guide_family.min_scale
-        self.prior = Normal(torch.zeros(vae.latent_dim), torch.ones(vae.latent_dim),
-                            validate_args=False)
+        self.prior = Normal(torch.zeros(vae.latent_dim, device=vae.device),
+                            torch.ones(vae.latent_dim, device=vae.device), validate_args=False)
 
     def loss(self, x: torch.Tensor, num_data: int) -> torch.Tensor:
         vae, K, name = self.vae, self.K, self.name
@@ -167,7 +177,8 @@ def reference_log_likelihood(vae: VAE, x_all: torch.Tensor, particles: int,
                              batch_size: int = 256, seed: int = 0) -> torch.Tensor:
     """IWAE-K log-likelihood per datapoint, chunked over particles like ``evaluate``."""
     torch.manual_seed(seed)
-    prior = Normal(torch.zeros(vae.latent_dim), torch.ones(vae.latent_dim), validate_args=False)
+    prior = Normal(torch.zeros(vae.latent_dim, device=x_all.device),
+                   torch.ones(vae.latent_dim, device=x_all.device), validate_args=False)
     min_scale = vae.guide_family.min_scale
     width = max(vae.data_dim * 2, *vae.hidden, vae.latent_dim)
     out = []
@@ -176,7 +187,7 @@ def reference_log_likelihood(vae: VAE, x_all: torch.Tensor, particles: int,
         chunk = max(1, min(particles, 2**26 // (x.shape[0] * width)))  # evaluate's chunking
         loc, raw_scale = vae.encoder(x).chunk(2, dim=-1)
         q = Normal(loc, F.softplus(raw_scale) + min_scale, validate_args=False)
-        lse = torch.full((x.shape[0],), -math.inf)
+        lse = torch.full((x.shape[0],), -math.inf, device=x.device)
         done = 0
         while done < particles:
             k = min(chunk, particles - done)
@@ -326,9 +337,11 @@ def time_interleaved(step_a, step_b, batches, blocks: int, steps: int, warmup_bl
         for side in order:
             fn = sides[side]
             chosen = [batches[(cursor + i) % len(batches)] for i in range(steps)]
+            synchronize()
             start = time.perf_counter()
             for x in chosen:
                 fn(x)
+            synchronize()
             pair[side] = (time.perf_counter() - start) / steps
         share = MONITOR.others_share(token)
         cursor += steps
@@ -364,7 +377,7 @@ def bench_config(config: Config, verbose: bool = True) -> list[dict]:
     train, data_shape = load_train(config)
     num_data = train.shape[0]
     generator = torch.Generator().manual_seed(7)
-    order = torch.randperm(num_data, generator=generator)
+    order = torch.randperm(num_data, generator=generator).to(DEVICE)
     n_batches = max(1, min(16, num_data // config.batch))
     batches = [train[order[i * config.batch:(i + 1) * config.batch]].contiguous()
                for i in range(n_batches)]
@@ -438,6 +451,93 @@ def bench_evaluation(repeats: int, particles: int = 5000, n_points: int = 200,
               f"reference {mr:.3f} s  ratio {mp / mr:.2f}  [{timing['pairs_quiet']}/"
               f"{timing['pairs_run']} quiet pairs]  (check: rel {rel:.1e})", flush=True)
     return row
+
+
+# ---------------------------------------------------------------------------------------------
+# one epoch (--epoch)
+# ---------------------------------------------------------------------------------------------
+EPOCH_CONFIG = Config("mlp 784-400-20, B=128, 60,000 rows", "synthetic784", (400,), 20, 128,
+                      blocks=0, steps=0)
+
+
+def _kernel_seconds(run) -> float | None:
+    """Seconds the GPU spent in kernels and copies while ``run()`` ran (``None`` off CUDA)."""
+    if DEVICE.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        synchronize()
+    return sum(event.time_range.elapsed_us() for event in prof.events()
+               if event.device_type == DeviceType.CUDA) / 1e6
+
+
+def bench_epoch(epochs: int = 5, verbose: bool = True) -> list[dict]:
+    """One MNIST-size epoch of training steps on each side: the minibatch order drawn on the
+    device, rows gathered from the resident data, and the loss read back every 10 steps (as
+    ``pyro_vae.fit`` does). The two sides alternate epoch by epoch (the one that goes first
+    switches); wall time is the median over ``epochs`` epochs. On CUDA one more, profiled epoch
+    per side gives the GPU's kernel time, and busy = kernel time / wall time: near 1, an epoch
+    is bounded by kernels; well below 1, by the Python that launches them."""
+    config = EPOCH_CONFIG
+    train, data_shape = load_train(config, rows=60_000)
+    num_data = train.shape[0]
+    sides = {}
+    for side in ("pyro-vae", "reference"):
+        pyro.clear_param_store()
+        vae = build_vae(config, data_shape)
+        make = pyro_step_fn if side == "pyro-vae" else reference_step_fn
+        sides[side] = make(vae, "elbo", 1, {}, num_data)[0]
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def epoch(side: str) -> None:
+        step = sides[side]
+        order = torch.randperm(num_data, generator=generator, device=DEVICE)
+        for i, batch in enumerate(order.split(config.batch)):
+            loss = step(train[batch])
+            if (i + 1) % 10 == 0:
+                float(loss.detach())
+
+    walls: dict[str, list[float]] = {side: [] for side in sides}
+    kernels: dict[str, float | None] = {}
+    with pyro.validation_enabled(False):
+        for side in sides:
+            epoch(side)  # warm-up
+        for e in range(epochs):
+            for side in (("pyro-vae", "reference") if e % 2 == 0 else ("reference", "pyro-vae")):
+                synchronize()
+                start = time.perf_counter()
+                epoch(side)
+                synchronize()
+                walls[side].append(time.perf_counter() - start)
+        for side in sides:
+            kernels[side] = _kernel_seconds(lambda: epoch(side))
+    rows = []
+    for side in sides:
+        wall = statistics.median(walls[side])
+        rows.append({"side": side, "configuration": config.name, "objective": "elbo",
+                     "steps": math.ceil(num_data / config.batch), "epoch_s": wall,
+                     "epoch_s_all": walls[side], "kernel_s": kernels[side],
+                     "busy": None if kernels[side] is None else kernels[side] / wall})
+        if verbose:
+            busy = ("" if kernels[side] is None
+                    else f", GPU kernels {kernels[side]:.3f} s (busy {rows[-1]['busy']:.0%})")
+            print(f"  {side:9s} epoch {wall:.3f} s{busy}", flush=True)
+    rows[0]["ratio"] = rows[0]["epoch_s"] / rows[1]["epoch_s"]
+    return rows
+
+
+def epoch_table(rows: list[dict]) -> str:
+    lines = [f"\n{rows[0]['configuration']}, elbo, {rows[0]['steps']} steps\n",
+             "| side | epoch s | GPU kernel s | GPU busy |", "|---|---:|---:|---:|"]
+    for row in rows:
+        kernels = "" if row["kernel_s"] is None else f"{row['kernel_s']:.3f}"
+        busy = "" if row["busy"] is None else f"{row['busy']:.0%}"
+        lines.append(f"| {row['side']} | {row['epoch_s']:.3f} | {kernels} | {busy} |")
+    lines.append(f"\nratio pyro-vae / reference: {rows[0]['ratio']:.2f}×")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,20 +735,44 @@ def main(argv=None) -> int:
                         help="benchmark only these objectives")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads(N) (default: torch's default)")
+    parser.add_argument("--device", default="cpu", metavar="cpu|cuda[:i]",
+                        help="where both sides run (default cpu); on CUDA each timed block "
+                             "ends with a synchronisation, so it includes its kernels")
+    parser.add_argument("--epoch", action="store_true",
+                        help="instead of the table: one MNIST-size epoch (60,000 rows, "
+                             "784-400-20, B=128, elbo) of each side, its wall time and, on "
+                             "CUDA, the share of it the GPU spent running kernels")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global DEVICE
+    try:
+        DEVICE = resolve_device(args.device)
+    except pyro_vae.PyroVAEError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     global OBJECTIVES
     if args.only:
         OBJECTIVES = [o for o in OBJECTIVES if o[0] in args.only]
     environment = {"torch": torch.__version__, "pyro": pyro.__version__,
                    "python": platform.python_version(), "threads": torch.get_num_threads(),
-                   "machine": platform.machine(), "processor": platform.processor()}
+                   "machine": platform.machine(), "processor": platform.processor(),
+                   "device": str(DEVICE)}
+    if DEVICE.type == "cuda":
+        environment["gpu"] = torch.cuda.get_device_name(DEVICE)
     print(f"torch {environment['torch']}, pyro {environment['pyro']}, "
-          f"{environment['threads']} torch threads", flush=True)
+          f"{environment['threads']} torch threads, device {DEVICE}"
+          + (f" ({environment['gpu']})" if "gpu" in environment else ""), flush=True)
     if args.profile:
         print(profile_steps())
+        return 0
+    if args.epoch:
+        rows = bench_epoch()
+        print(epoch_table(rows))
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"environment": environment, "epoch": rows}, handle, indent=2)
         return 0
     environment["loadavg_start"] = os.getloadavg()
     started = time.perf_counter()

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pyro_vae import VAE, fit, load_data
+from pyro_vae import VAE, evaluate, fit, load_data
 from pyro_vae.data import Dataset, LazyRows
 from pyro_vae.distributed import LossModule
 from pyro_vae.models.likelihoods import LIKELIHOODS
@@ -167,4 +167,16 @@ def test_host_reads_of_an_epoch_do_not_grow_with_its_steps(digits, tmp_path, mon
         # the one transfer a step must make: its rows, read from the file into a new tensor
         # (on a GPU staged through pinned memory and copied asynchronously)
         assert counts[1].pop("lift_fresh") - counts[0].pop("lift_fresh") == 16 - 4
+    assert counts[0] == counts[1]
+
+
+def test_evaluation_reads_back_once_not_per_batch(digits):
+    """``evaluate`` accumulates every batch on the device and copies the results back at the
+    end: 2 batches and 8 batches make the same host transfers."""
+    vae = VAE(digits.data_shape, 3, hidden=(16,))
+    counts = []
+    for rows in (64, 256):
+        with HostReads() as probe:
+            evaluate(vae, digits.test[:rows], particles=20, batch_size=32)
+        counts.append(dict(probe.counts))
     assert counts[0] == counts[1]
