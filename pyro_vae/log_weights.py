@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import pyro
@@ -38,7 +38,6 @@ class LatentSite:
     guide: torch.distributions.Distribution   # the guide's distribution at the site
 
 
-@dataclass
 class LogWeights:
     """Per-datapoint log-density terms of K particles, each of shape ``[particles, batch]``.
 
@@ -49,13 +48,40 @@ class LogWeights:
     ``sites``: the latent sites by name (value ``[particles, batch, ...]`` and distributions),
     for objectives that need more than the sums (analytic KL, per-dimension KL);
     ``scale``: num_data / batch, the factor that turns a minibatch sum into a data-set estimate.
+
+    ``log_prior`` and ``log_guide`` may be given as functions of no arguments: they are then
+    computed when first read (an objective with the KL in closed form never reads them).
     """
 
-    log_likelihood: torch.Tensor
-    log_prior: torch.Tensor
-    log_guide: torch.Tensor
-    scale: float
-    sites: dict[str, LatentSite] = field(default_factory=dict)
+    def __init__(self, log_likelihood: torch.Tensor,
+                 log_prior: torch.Tensor | Callable[[], torch.Tensor],
+                 log_guide: torch.Tensor | Callable[[], torch.Tensor], scale: float,
+                 sites: dict[str, LatentSite] | None = None):
+        self.log_likelihood = log_likelihood
+        self._log_prior, self._log_guide = log_prior, log_guide
+        self._grad_enabled = torch.is_grad_enabled()  # a deferred term is computed as if now
+        self.scale = scale
+        self.sites = {} if sites is None else sites
+
+    def _resolved(self, term):
+        if not callable(term):
+            return term
+        with torch.set_grad_enabled(self._grad_enabled):
+            return term()
+
+    @property
+    def log_prior(self) -> torch.Tensor:
+        self._log_prior = self._resolved(self._log_prior)
+        return self._log_prior
+
+    @property
+    def log_guide(self) -> torch.Tensor:
+        self._log_guide = self._resolved(self._log_guide)
+        return self._log_guide
+
+    def __repr__(self) -> str:
+        return (f"LogWeights(particles={self.particles}, batch={self.log_likelihood.shape[-1]}, "
+                f"scale={self.scale}, sites={list(self.sites)})")
 
     @property
     def particles(self) -> int:
@@ -129,19 +155,21 @@ def _vae_log_weights(vae, particles: int, stop_guide_gradient: bool, x: torch.Te
     encoded = vae.encoder_output(x, y)
     guide = vae.guide_family.distribution(encoded)
     z = guide.rsample((particles,))
-    if stop_guide_gradient:
-        # q scored with φ stopped: the same guide family on the detached encoder output, with the
-        # family's own parameters detached; only the path through z carries gradient
-        with _parameters_detached(vae.guide_family):
-            log_guide = vae.guide_family.distribution(encoded.detach()).log_prob(z)
-    else:
-        log_guide = guide.log_prob(z)
     prior = vae.prior.distribution()
-    log_prior = prior.log_prob(z)
     log_likelihood = vae.decode(z, y).log_prob(x)
+
+    def log_guide() -> torch.Tensor:
+        if not stop_guide_gradient:
+            return guide.log_prob(z)
+        # q scored with φ stopped: the same guide family on the detached encoder output, with
+        # the family's own parameters detached; only the path through z carries gradient
+        with _parameters_detached(vae.guide_family):
+            return vae.guide_family.distribution(encoded.detach()).log_prob(z)
+
     shape = (particles, batch)
     site = LatentSite(z, prior.expand(shape), guide.expand(shape))
-    return LogWeights(log_likelihood, log_prior, log_guide,
+    # log p(z) and log q(z|x) are computed when an objective reads them (meanfield does not)
+    return LogWeights(log_likelihood, lambda: prior.log_prob(z), log_guide,
                       1.0 if num_data is None else num_data / batch, {"z": site})
 
 

@@ -89,3 +89,30 @@ def test_validation_still_catches_bad_values_on_the_fast_path():
     vae = VAE(3, 2, likelihood="poisson", hidden=(8,))
     with pyro.validation_enabled(True), pytest.raises(ValueError):
         log_weights(vae.model, vae.guide, torch.tensor([[0.5, 1.0, 2.0]]))  # not a count
+
+
+def test_log_prior_and_log_guide_are_computed_only_when_read(batch, monkeypatch):
+    """meanfield takes the KL in closed form: the fast path does not compute log p(z) and
+    log q(z|x) for it; elbo reads both. A deferred term is computed under the gradient mode
+    the weights were made in."""
+    x, _ = batch
+    vae = VAE((1, 8, 8), 3, hidden=(16,))
+    reads = []
+
+    class Counting(pyro.distributions.Independent):
+        def log_prob(self, value):
+            reads.append(value.shape)
+            return super().log_prob(value)
+
+    latent = vae.latent_dim
+    monkeypatch.setattr(vae.prior, "distribution", lambda: Counting(
+        pyro.distributions.Normal(torch.zeros(latent), torch.ones(latent)), 1))
+    make_objective("meanfield", 1).differentiable_loss(vae.model, vae.guide, x)
+    assert reads == []
+    make_objective("elbo", 1).differentiable_loss(vae.model, vae.guide, x)
+    assert reads == [torch.Size([1, 32, latent])]
+    with torch.no_grad():
+        weights = log_weights(vae.model, vae.guide, x)
+    assert weights.log_prior.grad_fn is None and weights.log_guide.grad_fn is None
+    weights = log_weights(vae.model, vae.guide, x)
+    assert weights.log_guide.grad_fn is not None
