@@ -4,8 +4,9 @@
 shard of every global minibatch (the same seeded permutation on every rank, split into N
 contiguous parts), computes the objective on it with the data-set scale num_data / shard, and
 DDP averages the gradients, so an update equals that of one process on the whole minibatch with
-the same random draws. Ranks draw independent noise (seed + rank). Rank 0 alone writes the run
-directory. Backends: NCCL on GPUs, gloo on CPUs.
+the same random draws. Ranks draw independent noise (seed + rank). Each rank scores its part
+of the validation split and the sums are all-reduced, so every rank reports the same validation
+ELBO. Rank 0 alone writes the run directory. Backends: NCCL on GPUs, gloo on CPUs.
 """
 
 from __future__ import annotations

@@ -429,12 +429,10 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                 if not math.isfinite(train_loss):
                     raise TrainingError(_divergence_message(
                         train_loss, state, _nonfinite_term(vae, x, y, num_data), run_dir))
-                # every rank scores the validation split (same seed): no rank waits for another
-                val = evaluate(vae, dataset, split="val", particles=config.val_particles,
-                               seed=state.epoch)
+                val_elbo, val_elbo_se = _validation_elbo(vae, dataset, config.val_particles,
+                                                         state.epoch, context)
                 row = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss,
-                       "beta": loss_fn.beta, "val_elbo": val.summary["elbo"],
-                       "val_elbo_se": val.summary["elbo_se"],
+                       "beta": loss_fn.beta, "val_elbo": val_elbo, "val_elbo_se": val_elbo_se,
                        "epoch_time_s": time.perf_counter() - epoch_start,
                        "elapsed_s": time.perf_counter() - started}
                 history.append(row)
@@ -451,6 +449,35 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
     finally:
         bar.close()
     return history
+
+
+def _validation_elbo(vae, dataset: Dataset, particles: int, epoch: int,
+                     context: distributed.Context) -> tuple[float, float]:
+    """The validation split's mean ELBO per datapoint and its standard error.
+
+    Under torchrun each rank scores a contiguous part of the split (its own seed) and the sums
+    Σ ELBO, Σ ELBO² and the count are all-reduced: every rank gets the same two numbers for
+    1/N of the work. In one process this is ``evaluate`` on the split with ``seed=epoch``."""
+    if not context.distributed:
+        val = evaluate(vae, dataset, split="val", particles=particles, seed=epoch)
+        return val.summary["elbo"], val.summary["elbo_se"]
+    rows = dataset.rows("val")
+    part = torch.arange(len(rows)).tensor_split(context.world_size)[context.rank]
+    totals = torch.zeros(3, dtype=torch.float64, device=context.device)
+    if len(part):
+        lo, hi = int(part[0]), int(part[-1]) + 1
+        shard = (LazyRows(rows.array, rows.index[lo:hi], rows.device)
+                 if isinstance(rows, LazyRows) else rows[lo:hi])
+        labels = labels_for(vae, dataset, "val")
+        elbo = evaluate(vae, shard, particles=particles,
+                        labels=None if labels is None else labels[lo:hi],
+                        seed=epoch * context.world_size + context.rank).elbo.double()
+        totals = torch.stack([elbo.sum(), elbo.pow(2).sum(),
+                              torch.tensor(float(len(elbo)), dtype=torch.float64)]).to(totals)
+    total, squares, n = (float(t) for t in context.all_sum(totals))
+    mean = total / n
+    variance = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else math.nan
+    return mean, math.sqrt(variance / n)
 
 
 def _divergence_message(value: float, state: _LoopState, term: str, run_dir: Path | None) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import socket
 import subprocess
@@ -9,26 +11,29 @@ import sys
 import textwrap
 
 import pyro
+import pytest
 import torch
 
-from pyro_vae import VAE, load_data
+from pyro_vae import VAE, evaluate, load_data
 from pyro_vae.objectives import make_objective
 
 WORLD, EPOCHS, BATCH, SEED = 2, 2, 64, 3
 
 WORKER = textwrap.dedent("""
-    import os, sys, pyro, torch
+    import json, os, sys, pyro, torch
     from pyro_vae import VAE, fit, load_data
     out = sys.argv[1]
     torch.set_num_threads(1)
     data = load_data("digits")
     pyro.set_rng_seed(0)
     vae = VAE(data.data_shape, 2, hidden=(16,))
-    fit(vae, data, "iwae", particles=2, epochs={epochs}, batch_size={batch}, seed={seed},
-        device="cpu", progress=False, out=os.path.join(out, "run"))
+    result = fit(vae, data, "iwae", particles=2, epochs={epochs}, batch_size={batch}, seed={seed},
+                 device="cpu", progress=False, out=os.path.join(out, "run"))
     rank = os.environ["RANK"]
     torch.save({{k: v.detach() for k, v in vae.state_dict().items()}},
                os.path.join(out, f"rank{{rank}}.pt"))
+    with open(os.path.join(out, f"history{{rank}}.json"), "w") as handle:
+        json.dump(result.history, handle)
 """).format(epochs=EPOCHS, batch=BATCH, seed=SEED)
 
 
@@ -91,6 +96,22 @@ def test_two_process_ddp_matches_single_process_training_on_the_combined_batch(t
     # only rank 0 wrote the run directory, and it holds the full epochs
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == EPOCHS
+    # validation: each rank scored its half of the split, the sums were all-reduced, so both
+    # ranks report the same ELBO and SE, those of the two halves scored together
+    histories = [json.loads((tmp_path / f"history{r}.json").read_text()) for r in range(WORLD)]
+    last = [history[-1] for history in histories]
+    assert last[0]["val_elbo"] == last[1]["val_elbo"]
+    assert last[0]["val_elbo_se"] == last[1]["val_elbo_se"]
+    assert json.loads(lines[-1])["val_elbo"] == last[0]["val_elbo"]
+    data = load_data("digits")
+    vae = VAE(data.data_shape, 2, hidden=(16,))
+    vae.load_state_dict(ranks[0])
+    halves = torch.arange(len(data.val)).tensor_split(WORLD)
+    elbo = torch.cat([evaluate(vae, data.val[part], particles=1, seed=EPOCHS * WORLD + r).elbo
+                      for r, part in enumerate(halves)]).double()
+    assert last[0]["val_elbo"] == pytest.approx(float(elbo.mean()), rel=1e-6)
+    se = float(elbo.std() / math.sqrt(len(elbo)))
+    assert last[0]["val_elbo_se"] == pytest.approx(se, rel=1e-5)
     assert not any(p.name.startswith("run") and p.name != "run" for p in tmp_path.iterdir())
 
 
