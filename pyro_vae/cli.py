@@ -230,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, metavar="S")
     sample.add_argument("--label", type=_non_negative_int, metavar="Y",
                         help="class to generate (conditional runs; default: cycle the classes)")
+    for command in commands.choices.values():
+        command.add_argument("--threads", type=_positive_int, metavar="N",
+                             help="CPU threads for torch's operations (default: torch's "
+                                  "choice, one per core); 1 is often fastest for small models "
+                                  "on a busy machine")
     return parser
 
 
@@ -291,12 +296,12 @@ def _likelihood_options(options: dict[str, Any]) -> dict[str, Any]:
 def _resume(args: argparse.Namespace) -> int:
     from .training import resume
 
-    allowed = {"resume", "epochs", "device", "quiet", "eval_particles", "command"}
+    allowed = {"resume", "epochs", "device", "quiet", "eval_particles", "command", "threads"}
     given = sorted(name for name, value in vars(args).items()
                    if value is not None and name not in allowed and value is not False)
     if given:
         raise ConfigError(f"--{given[0].replace('_', '-')} cannot change a resumed run "
-                          "(only --epochs and --device can)")
+                          "(only --epochs, --device and --threads can)")
     started = time.perf_counter()
     result = resume(args.resume, epochs=args.epochs, device=args.device or "auto",
                     progress=not args.quiet)
@@ -599,6 +604,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return COMMANDS[args.command](args)
     except PyroVAEError as exc:

@@ -261,6 +261,8 @@ CASES = [
     ("train-latent-dim-negative", train("--latent-dim", "-3"), "positive integer", ()),
     ("train-particles-0", train("--particles", "0"), "positive integer", ()),
     ("train-batch-size-0", train("--batch-size", "0"), "positive integer", ()),
+    ("train-threads-0", train("--threads", "0"), "positive integer", ()),
+    ("train-threads-not-a-number", train("--threads", "many"), "positive integer", ()),
     ("train-lr-0", train("--lr", "0"), "positive number", ()),
     ("train-lr-negative", train("--lr", "-1"), "positive number", ()),
     ("train-lr-nan", train("--lr", "nan"), "positive number", ()),

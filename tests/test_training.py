@@ -118,3 +118,18 @@ def test_default_train_command_reaches_the_readme_log_likelihood(tmp_path, capsy
     assert abs(summary["log_likelihood"] - README_TEST_LOG_LIKELIHOOD) <= margin, summary
     printed = capsys.readouterr().out
     assert "test log-likelihood" in printed and str(out) in printed
+
+
+def test_threads_flag_sets_torch_threads_and_is_allowed_on_resume(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    out = tmp_path / "run"
+    common = ["--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--quiet",
+              "--eval-particles", "0"]
+    assert main(["train", *common, "--threads", "3", "--out", str(out)]) == 0
+    assert calls == [3]
+    assert "threads" not in (out / "config.json").read_text()  # a property of the machine, not the run
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--threads", "1",
+                 "--quiet"]) == 0
+    assert calls == [3, 1]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
