@@ -179,7 +179,8 @@ class FlowGuide(nn.Module):
 
     Sampling is one parallel pass per layer, and the density of the guide's own samples reuses
     the transforms' cache; scoring other points (as STL and DReG do, re-scoring the same z with
-    the parameters detached) runs the exact sequential inverse, d network passes per layer. The
+    the parameters detached) runs the exact sequential inverse, d network passes per layer,
+    without reading anything back from the device (:class:`_AffineAutoregressive`). The
     context broadcasts over particles: z ``[K, B, d]`` against h ``[B, context]``.
 
     ``.mean`` has no closed form (callers fall back to sample means). There is no closed-form
