@@ -23,8 +23,8 @@ import math
 from typing import Any, Sequence
 
 import pyro
-from pyro.distributions.util import is_validation_enabled
 import torch
+from pyro.distributions.util import is_validation_enabled
 from torch import nn
 
 from .errors import ConfigError
