@@ -6,12 +6,15 @@ contiguous parts), computes the objective on it with the data-set scale num_data
 DDP averages the gradients, so an update equals that of one process on the whole minibatch with
 the same random draws. Ranks draw independent noise (seed + rank). Each rank scores its part
 of the validation split and the sums are all-reduced, so every rank reports the same validation
-ELBO. Rank 0 alone writes the run directory. Backends: NCCL on GPUs, gloo on CPUs.
+ELBO. Rank 0 alone writes the run directory. A SIGINT or SIGTERM to any rank is agreed on by all
+at the next logging step (every ``log_every`` steps), so every rank stops at the same step and
+rank 0 saves the checkpoint. Backends: NCCL on GPUs, gloo on CPUs.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +48,17 @@ class Context:
         if self.distributed:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
+
+    def agreed_signal(self, signal_name: str | None) -> str | None:
+        """The stop request (a signal's name) of any rank, the same on every rank. A collective:
+        every rank calls it at the same step, so that all of them stop at that step."""
+        if not self.distributed:
+            return signal_name
+        number = 0 if signal_name is None else int(signal.Signals[signal_name])
+        flag = torch.tensor([number], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        number = int(flag)
+        return None if number == 0 else signal.Signals(number).name
 
 
 SINGLE = Context()

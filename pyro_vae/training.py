@@ -418,13 +418,28 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                     state.position += global_batch.shape[0]
                     state.step += 1
                     bar.update(1)
-                    if stop.signal_name is not None:
-                        state.loss_sum = float(loss_sum)
+                    # under torchrun the ranks agree on a stop at logging steps only (a
+                    # collective), so that all of them stop after the same step
+                    if not context.distributed:
+                        stop_signal = stop.signal_name
+                    elif state.step % config.log_every == 0:
+                        stop_signal = context.agreed_signal(stop.signal_name)
+                    else:
+                        stop_signal = None
+                    if stop_signal is not None:
+                        # every rank is here at the same step: the epoch's loss so far is theirs
+                        # together (rank 0's checkpoint resumes in one process)
+                        state.loss_sum = float(context.all_sum(loss_sum))
                         save_checkpoint()
-                        raise TrainingInterrupted(
-                            f"{stop.signal_name} at epoch {state.epoch}, step {state.step}"
-                            + (f"; checkpoint saved; resume with: pyro-vae train --resume {run_dir}"
-                               if run_dir is not None else "; no run directory, nothing saved"))
+                        if run_dir is not None:
+                            outcome = ("; checkpoint saved; resume with: pyro-vae train "
+                                       f"--resume {run_dir}")
+                        elif not context.is_main:
+                            outcome = f" (rank {context.rank}; rank 0 saves the checkpoint)"
+                        else:
+                            outcome = "; no run directory, nothing saved"
+                        raise TrainingInterrupted(f"{stop_signal} at epoch {state.epoch}, "
+                                                  f"step {state.step}{outcome}")
                 train_loss = float(context.all_sum(loss_sum)) / num_data
                 if not math.isfinite(train_loss):
                     raise TrainingError(_divergence_message(

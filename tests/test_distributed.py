@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pyro
 import pytest
@@ -126,3 +129,52 @@ def test_torchrun_cli_trains_and_rank_zero_reports(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run directory:") == 1
     assert (tmp_path / "run" / "evaluation.json").exists()
+
+
+SIGNAL_WORKER = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from pyro_vae.cli import main
+    out = Path(sys.argv[1])
+    (out / f"pid{os.environ['RANK']}").write_text(str(os.getpid()))
+    sys.exit(main(["train", "--epochs", "100000", "--hidden", "16", "--latent-dim", "2",
+                   "--quiet", "--eval-particles", "0", "--threads", "1", "--out", str(out / "run")]))
+""")
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """A scheduler's SIGTERM to rank 1 alone: the ranks agree on the stop at the next logging
+    step, so rank 0 is not left waiting in an all-reduce; it saves the checkpoint at that step,
+    and one process resumes from it."""
+    script = tmp_path / "worker.py"
+    script.write_text(SIGNAL_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run",
+                                f"--nproc_per_node={WORLD}", f"--master_port={_free_port()}",
+                                str(script), str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.1)
+        os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stops = re.findall(r"interrupted by SIGTERM at epoch (\d+), step (\d+)(.*)", stderr)
+    assert len(stops) == WORLD, stderr[-3000:]
+    assert len({(epoch, step) for epoch, step, _ in stops}) == 1  # the same step on every rank
+    epoch, step = int(stops[0][0]), int(stops[0][1])
+    assert step % 10 == 0  # a logging step
+    assert sum("checkpoint saved" in rest for *_, rest in stops) == 1
+    assert sum("rank 1; rank 0 saves the checkpoint" in rest for *_, rest in stops) == 1
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (int(checkpoint["epoch"]), int(checkpoint["step"])) == (epoch, step)
+    from pyro_vae.cli import main
+
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", str(epoch),
+                 "--quiet"]) == 0
+    assert len(metrics.read_text().splitlines()) == epoch
