@@ -305,11 +305,13 @@ def _resume(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = resume(args.resume, epochs=args.epochs, device=args.device or "auto",
                     progress=not args.quiet)
+    if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
+        return _finish_distributed()
     last = result.history[-1]
     print(f"resumed and trained to epoch {last['epoch']} in {time.perf_counter() - started:.1f} s; "
           f"validation ELBO {last['val_elbo']:.3f} nats per datapoint")
     print(f"run directory: {result.run_dir}")
-    return 0
+    return _finish_distributed()
 
 
 def _build(options: dict[str, Any]):

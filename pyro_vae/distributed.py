@@ -8,7 +8,9 @@ the same random draws. Ranks draw independent noise (seed + rank). Each rank sco
 of the validation split and the sums are all-reduced, so every rank reports the same validation
 ELBO. Rank 0 alone writes the run directory. A SIGINT or SIGTERM to any rank is agreed on by all
 at the next logging step (every ``log_every`` steps), so every rank stops at the same step and
-rank 0 saves the checkpoint. Backends: NCCL on GPUs, gloo on CPUs.
+rank 0 saves the checkpoint, with every rank's random-number state: ``pyro-vae train --resume``
+under torchrun with the same number of processes continues exactly, and in one process it
+continues with rank 0's stream. Backends: NCCL on GPUs, gloo on CPUs.
 """
 
 from __future__ import annotations
@@ -48,6 +50,19 @@ class Context:
         if self.distributed:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
+
+    def rng_states(self) -> list[dict] | None:
+        """Every rank's random-number state, in rank order (a collective: every rank calls it at
+        the same point), for a checkpoint that resumes each rank's own stream; ``None`` in one
+        process."""
+        if not self.distributed:
+            return None
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        states: list = [None] * self.world_size
+        dist.all_gather_object(states, state)
+        return states
 
     def agreed_signal(self, signal_name: str | None) -> str | None:
         """The stop request (a signal's name) of any rank, the same on every rank. A collective:

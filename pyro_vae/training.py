@@ -269,11 +269,14 @@ class _LoopState:
     loss_sum: float = 0.0                 # the epoch's weighted loss so far
 
 
-def _state_dict(vae, optimizer, state: _LoopState, order_generator: torch.Generator) -> dict:
+def _state_dict(vae, optimizer, state: _LoopState, order_generator: torch.Generator,
+                rank_states: list[dict] | None = None) -> dict:
     device = vae.device
     rng = {"torch": torch.get_rng_state(), "order": order_generator.get_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
+    if rank_states is not None:  # under torchrun: every rank's stream, in rank order
+        rng["ranks"] = rank_states
     return {"model": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
             "optimizer": optimizer.state_dict(), "rng": rng, "epoch": state.epoch,
             "position": state.position, "step": state.step,
@@ -281,13 +284,26 @@ def _state_dict(vae, optimizer, state: _LoopState, order_generator: torch.Genera
             "loss_sum": state.loss_sum}
 
 
-def _load_state(checkpoint: dict, vae, optimizer, order_generator: torch.Generator) -> _LoopState:
+def checkpoint_processes(checkpoint: dict) -> int:
+    """How many torchrun processes wrote ``checkpoint`` (1 for a single process)."""
+    ranks = checkpoint["rng"].get("ranks")
+    return 1 if ranks is None else len(ranks)
+
+
+def _load_state(checkpoint: dict, vae, optimizer, order_generator: torch.Generator,
+                context: distributed.Context = distributed.SINGLE) -> _LoopState:
     vae.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    order_generator.set_state(checkpoint["rng"]["order"])
-    if "cuda" in checkpoint["rng"] and vae.device.type == "cuda":
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], vae.device)
+    rng = checkpoint["rng"]
+    if context.distributed:
+        if checkpoint_processes(checkpoint) != context.world_size:
+            raise ConfigError(f"the checkpoint was written by {checkpoint_processes(checkpoint)} "
+                              f"process(es), and {context.world_size} were started")
+        rng = {**rng, **rng["ranks"][context.rank]}  # this rank's own stream
+    torch.set_rng_state(rng["torch"])
+    order_generator.set_state(rng["order"])
+    if "cuda" in rng and vae.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], vae.device)
     order = checkpoint["order"]
     return _LoopState(epoch=int(checkpoint["epoch"]), position=int(checkpoint["position"]),
                       step=int(checkpoint["step"]),
@@ -348,7 +364,7 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
     loss_module = distributed.wrap(vae, loss_fn, context)
     order_generator = torch.Generator().manual_seed(config.seed)
     state = _LoopState() if checkpoint is None else _load_state(checkpoint, vae, optimizer,
-                                                                order_generator)
+                                                                order_generator, context)
     # Minibatch indices live where the rows are read: on the device for in-memory data, on the
     # host for memory-mapped rows (read there, so a device-side order would be copied back every
     # step, a synchronisation on a GPU); pinned on CUDA so that the labels' indices go up
@@ -363,6 +379,8 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
 
     if state.order is not None:
         state.order = placed(state.order)
+    if not context.is_main:
+        state.loss_sum = 0.0  # the checkpoint's sum so far is every rank's: counted once, on rank 0
     history = list(history or [])
     steps_per_epoch = math.ceil(num_data / config.batch_size)
     started = time.perf_counter()
@@ -370,8 +388,12 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                unit="step", desc=f"train {config.objective}", dynamic_ncols=True)
 
     def save_checkpoint() -> None:
+        """Rank 0 (or the one process) writes; every rank calls this at the same point, since
+        under torchrun the ranks' random-number states are gathered for it."""
+        rank_states = context.rng_states()
         if run_dir is not None:
-            runs.save_checkpoint(run_dir, _state_dict(vae, optimizer, state, order_generator))
+            runs.save_checkpoint(run_dir, _state_dict(vae, optimizer, state, order_generator,
+                                                      rank_states))
 
     validate_next = True  # validate the first step of this process, then run fast
     try:
@@ -404,7 +426,10 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                     # Every log_every steps the loss is read back (the only host sync), before
                     # the optimizer step, so a divergence is caught with the parameters intact.
                     if (state.step + 1) % config.log_every == 0 or state.step == 0:
-                        value = float(loss.detach()) / num_data
+                        reading = loss.detach()
+                        if context.distributed:  # the ranks' mean: all of them stop together
+                            reading = context.all_sum(reading.clone()) / context.world_size
+                        value = float(reading) / num_data
                         if not math.isfinite(value):
                             state.step += 1
                             raise TrainingError(_divergence_message(
@@ -455,7 +480,7 @@ def _train(vae, dataset: Dataset, config: TrainConfig, loss_fn, torch_device: to
                 if run_dir is not None:
                     runs.append_metrics(run_dir, row)
                     runs.save_weights(run_dir, vae)
-                    save_checkpoint()
+                save_checkpoint()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise TrainingError(f"the disk is full ({exc.filename or run_dir}); the last complete "
@@ -507,11 +532,16 @@ def resume(run_dir: str | Path, epochs: int | None = None, device: str = "auto",
     """Continue the run in ``run_dir`` from its ``checkpoint.pt`` (up to ``epochs`` in all,
     default: the run's own). On the same device with the same software the result is exactly
     that of an uninterrupted run: model, optimizer, random-number and epoch-position state are
-    all restored."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("--resume runs in a single process; start it without torchrun")
+    all restored. A run trained under torchrun resumes exactly under torchrun with as many
+    processes (each rank takes back its own random-number stream), or in one process."""
     run = runs.load_run(run_dir)
     checkpoint = runs.load_checkpoint(run.path)
+    processes = checkpoint_processes(checkpoint)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and world_size != processes:
+        raise ConfigError(f"{run.path} was checkpointed by {processes} process(es); resume it "
+                          + (f"with torchrun --nproc_per_node={processes}" if processes > 1
+                             else "without torchrun"))
     training = dict(run.config.get("training", {}))
     try:
         config = TrainConfig(**training)
@@ -534,15 +564,20 @@ def resume(run_dir: str | Path, epochs: int | None = None, device: str = "auto",
     check_compatible(vae, dataset)
     loss_fn = make_objective(config.objective, config.particles, config.beta,
                              free_bits=config.free_bits, alpha=config.alpha)
-    torch_device = resolve_device(config.device)
+    context = distributed.context_from_environment(resolve_device(config.device))
+    torch_device = context.device
     history = [row for row in run.history if row["epoch"] <= finished]
-    runs.write_metrics(run.path, history)  # drop a row written after the checkpoint, if any
     full_config = {**run.config, "training": asdict(config)}
-    runs.write_config(run.path, full_config)
-    history = _train(vae, dataset, config, loss_fn, torch_device, run.path, progress,
-                     checkpoint=checkpoint, history=history)
-    write_figures(vae, dataset.to(torch_device), history, run.path)
-    return FitResult(vae=vae, history=history, config=full_config, run_dir=run.path)
+    run_dir = run.path if context.is_main else None  # rank 0 alone writes
+    if run_dir is not None:
+        runs.write_metrics(run_dir, history)  # drop a row written after the checkpoint, if any
+        runs.write_config(run_dir, full_config)
+    history = _train(vae, dataset, config, loss_fn, torch_device, run_dir,
+                     progress and context.is_main, checkpoint=checkpoint, history=history,
+                     context=context)
+    if run_dir is not None:
+        write_figures(vae, dataset.to(torch_device), history, run_dir)
+    return FitResult(vae=vae, history=history, config=full_config, run_dir=run_dir)
 
 
 def write_figures(vae, dataset: Dataset, history: list[dict], run_dir: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -131,21 +132,31 @@ def test_torchrun_cli_trains_and_rank_zero_reports(tmp_path):
     assert (tmp_path / "run" / "evaluation.json").exists()
 
 
+TRAIN_FLAGS = ["--hidden", "16", "--latent-dim", "2", "--quiet", "--eval-particles", "0",
+               "--threads", "1"]
 SIGNAL_WORKER = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     from pyro_vae.cli import main
     out = Path(sys.argv[1])
-    (out / f"pid{os.environ['RANK']}").write_text(str(os.getpid()))
-    sys.exit(main(["train", "--epochs", "100000", "--hidden", "16", "--latent-dim", "2",
-                   "--quiet", "--eval-particles", "0", "--threads", "1", "--out", str(out / "run")]))
-""")
+    (out / f"pid{{os.environ['RANK']}}").write_text(str(os.getpid()))
+    sys.exit(main(["train", "--epochs", "100000", *{flags!r}, "--out", str(out / "run")]))
+""").format(flags=TRAIN_FLAGS)
 
 
-def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+def _torchrun_cli(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                           f"--nproc_per_node={WORLD}", f"--master_port={_free_port()}",
+                           "-m", "pyro_vae.cli", *argv],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_resumes_exactly(tmp_path):
     """A scheduler's SIGTERM to rank 1 alone: the ranks agree on the stop at the next logging
-    step, so rank 0 is not left waiting in an all-reduce; it saves the checkpoint at that step,
-    and one process resumes from it."""
+    step, so rank 0 is not left waiting in an all-reduce; it saves the checkpoint at that step
+    with both ranks' random-number streams. Resumed under torchrun, the run ends exactly where
+    an uninterrupted one does; one process can resume it too."""
     script = tmp_path / "worker.py"
     script.write_text(SIGNAL_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -173,8 +184,32 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert sum("rank 1; rank 0 saves the checkpoint" in rest for *_, rest in stops) == 1
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert (int(checkpoint["epoch"]), int(checkpoint["step"])) == (epoch, step)
+    assert len(checkpoint["rng"]["ranks"]) == WORLD
+    # one process resumes a copy, with rank 0's stream
     from pyro_vae.cli import main
 
-    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", str(epoch),
+    shutil.copytree(tmp_path / "run", tmp_path / "single")
+    assert main(["train", "--resume", str(tmp_path / "single"), "--epochs", str(epoch),
                  "--quiet"]) == 0
+    assert len((tmp_path / "single" / "metrics.jsonl").read_text().splitlines()) == epoch
+    # torchrun resumes the run itself, and ends where an uninterrupted run ends
+    done = _torchrun_cli("train", "--resume", str(tmp_path / "run"), "--epochs", str(epoch),
+                         "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
     assert len(metrics.read_text().splitlines()) == epoch
+    done = _torchrun_cli("train", "--epochs", str(epoch), *TRAIN_FLAGS,
+                         "--out", str(tmp_path / "straight"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = torch.load(tmp_path / "run" / "weights.pt", weights_only=True)
+    straight = torch.load(tmp_path / "straight" / "weights.pt", weights_only=True)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    straight_rows = [json.loads(line) for line in
+                     (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_elbo"] for r in rows] == [r["val_elbo"] for r in straight_rows]
+    assert rows[-1]["train_loss"] == pytest.approx(straight_rows[-1]["train_loss"], rel=1e-6)
+    # the single-process checkpoint of the copy is not resumed by two processes
+    done = _torchrun_cli("train", "--resume", str(tmp_path / "single"), "--epochs",
+                         str(epoch + 1), "--quiet")
+    assert done.returncode != 0
+    assert "checkpointed by 1 process(es); resume it without torchrun" in done.stderr
