@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyro
 import pytest
+import torch
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_objectives.py"
 
@@ -70,3 +71,10 @@ def test_the_epoch_benchmark_runs_both_sides(bench, monkeypatch):
     assert all(row["epoch_s"] > 0 and row["kernel_s"] is None for row in rows)
     assert rows[0]["ratio"] == pytest.approx(rows[0]["epoch_s"] / rows[1]["epoch_s"])
     assert rows[0]["steps"] == 6  # ⌈1437 digits / 256⌉
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_asking_for_cuda_without_it_is_one_error_line(bench, capsys):
+    assert bench.main(["--device", "cuda", "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA is not available" in err[0]
