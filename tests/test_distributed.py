@@ -47,6 +47,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun_command(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
+            f"--master_port={_free_port()}", *argv]
+
+
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(*argv: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=WORLD argv...``, one thread per process."""
+    return subprocess.run(_torchrun_command(*argv), capture_output=True, text=True,
+                          env=TORCHRUN_ENV, timeout=600)
+
+
 def _reference_state() -> dict:
     """One process, the same minibatches and random draws: each shard's loss is computed with
     that rank's random stream (seed + rank), the gradients averaged as DDP averages them."""
@@ -84,11 +98,7 @@ def _reference_state() -> dict:
 def test_two_process_ddp_matches_single_process_training_on_the_combined_batch(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run",
-                           f"--nproc_per_node={WORLD}", f"--master_port={_free_port()}",
-                           str(script), str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = _torchrun(str(script), str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     # identical on every rank: DDP applies the same averaged gradient everywhere
@@ -120,13 +130,9 @@ def test_two_process_ddp_matches_single_process_training_on_the_combined_batch(t
 
 
 def test_torchrun_cli_trains_and_rank_zero_reports(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run",
-                           f"--nproc_per_node={WORLD}", f"--master_port={_free_port()}",
-                           "-m", "pyro_vae.cli", "train", "--epochs", "1", "--hidden", "16",
-                           "--latent-dim", "2", "--quiet", "--eval-particles", "5",
-                           "--out", str(tmp_path / "run")],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = _torchrun("-m", "pyro_vae.cli", "train", "--epochs", "1", "--hidden", "16",
+                     "--latent-dim", "2", "--quiet", "--eval-particles", "5",
+                     "--out", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run directory:") == 1
     assert (tmp_path / "run" / "evaluation.json").exists()
@@ -144,14 +150,6 @@ SIGNAL_WORKER = textwrap.dedent("""
 """).format(flags=TRAIN_FLAGS)
 
 
-def _torchrun_cli(*argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run",
-                           f"--nproc_per_node={WORLD}", f"--master_port={_free_port()}",
-                           "-m", "pyro_vae.cli", *argv],
-                          capture_output=True, text=True, env=env, timeout=600)
-
-
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_resumes_exactly(tmp_path):
     """A scheduler's SIGTERM to rank 1 alone: the ranks agree on the stop at the next logging
     step, so rank 0 is not left waiting in an all-reduce; it saves the checkpoint at that step
@@ -159,11 +157,9 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_resumes_exac
     an uninterrupted one does; one process can resume it too."""
     script = tmp_path / "worker.py"
     script.write_text(SIGNAL_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run",
-                                f"--nproc_per_node={WORLD}", f"--master_port={_free_port()}",
-                                str(script), str(tmp_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(_torchrun_command(str(script), str(tmp_path)),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=TORCHRUN_ENV)
     metrics = tmp_path / "run" / "metrics.jsonl"
     try:
         deadline = time.monotonic() + 120
@@ -193,12 +189,12 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_resumes_exac
                  "--quiet"]) == 0
     assert len((tmp_path / "single" / "metrics.jsonl").read_text().splitlines()) == epoch
     # torchrun resumes the run itself, and ends where an uninterrupted run ends
-    done = _torchrun_cli("train", "--resume", str(tmp_path / "run"), "--epochs", str(epoch),
-                         "--quiet")
+    done = _torchrun("-m", "pyro_vae.cli", "train", "--resume", str(tmp_path / "run"),
+                     "--epochs", str(epoch), "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(metrics.read_text().splitlines()) == epoch
-    done = _torchrun_cli("train", "--epochs", str(epoch), *TRAIN_FLAGS,
-                         "--out", str(tmp_path / "straight"))
+    done = _torchrun("-m", "pyro_vae.cli", "train", "--epochs", str(epoch), *TRAIN_FLAGS,
+                     "--out", str(tmp_path / "straight"))
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = torch.load(tmp_path / "run" / "weights.pt", weights_only=True)
     straight = torch.load(tmp_path / "straight" / "weights.pt", weights_only=True)
@@ -209,7 +205,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_resumes_exac
     assert [r["val_elbo"] for r in rows] == [r["val_elbo"] for r in straight_rows]
     assert rows[-1]["train_loss"] == pytest.approx(straight_rows[-1]["train_loss"], rel=1e-6)
     # the single-process checkpoint of the copy is not resumed by two processes
-    done = _torchrun_cli("train", "--resume", str(tmp_path / "single"), "--epochs",
-                         str(epoch + 1), "--quiet")
+    done = _torchrun("-m", "pyro_vae.cli", "train", "--resume", str(tmp_path / "single"),
+                     "--epochs", str(epoch + 1), "--quiet")
     assert done.returncode != 0
     assert "checkpointed by 1 process(es); resume it without torchrun" in done.stderr
