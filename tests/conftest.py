@@ -7,13 +7,19 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from pyro_vae import VAE
+from pyro_vae import VAE, load_data
 
 
 def pytest_configure(config):
     # The test models are tiny: one thread is faster than two and is not slowed down by
     # other processes competing for the same cores (thread oversubscription).
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The bundled digits data set, loaded once per test module."""
+    return load_data("digits")
 
 
 @dataclass

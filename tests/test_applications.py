@@ -15,16 +15,11 @@ import pytest
 import torch
 from scipy.stats import hypergeom
 
-from pyro_vae import VAE, fit, load_data
+from pyro_vae import VAE, fit
 from pyro_vae.applications import (anomaly_scores, interpolate, latent_scatter,
                                    reconstructions, representation_probe, traverse)
 from pyro_vae.data import from_array
 from pyro_vae.errors import ConfigError
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_data("digits")
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,8 @@ import torch
 from torch import nn
 
 import pyro_vae
-from pyro_vae import VAE, evaluate, fit, load_data, load_run
+from pyro_vae import VAE, evaluate, fit, load_run
 from pyro_vae.errors import ConfigError, PyroVAEError
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_data("digits")
 
 
 @pytest.mark.parametrize("image_shape", [(1, 8, 8), (1, 28, 28), (3, 10, 6)])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import integrate, optimize, stats
 
-from pyro_vae import VAE, evaluate, fit, load_data
+from pyro_vae import VAE, evaluate, fit
 from pyro_vae.comparison import compare_runs
 from pyro_vae.diagnostics import (BOUNDED_PARETO_K, COLLAPSE_THRESHOLD, DIAGNOSTICS_FILE,
                                   PARETO_MIN_DRAWS, diagnose, inference_data,
@@ -22,11 +22,6 @@ from pyro_vae.diagnostics import (BOUNDED_PARETO_K, COLLAPSE_THRESHOLD, DIAGNOST
 from pyro_vae.errors import ConfigError, PyroVAEError
 
 from conftest import make_linear_gaussian, set_diagonal_guide
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_data("digits")
 
 
 @pytest.fixture(scope="module")

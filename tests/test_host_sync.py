@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pyro_vae import VAE, evaluate, fit, load_data
+from pyro_vae import VAE, evaluate, fit
 from pyro_vae.data import Dataset, LazyRows
 from pyro_vae.distributed import LossModule
 from pyro_vae.models.likelihoods import LIKELIHOODS
@@ -67,11 +67,6 @@ def test_the_probe_sees_the_reads_it_is_meant_to_catch():
     with HostReads() as probe:
         y = torch.where(x > 0, x, 0.0).exp().sum()
     assert not probe.counts and y > 0
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_data("digits")
 
 
 def _step_reads(vae: VAE, objective: str, x: torch.Tensor, y=None) -> dict:

@@ -361,11 +361,6 @@ def test_every_likelihood_is_registered_under_its_name():
 
 # -- a short training run each -------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def digits():
-    return pyro_vae.load_data("digits")
-
-
-@pytest.fixture(scope="module")
 def counts():
     array = np.random.default_rng(0).poisson(3, size=(300, 10)).astype(np.float32)
     return from_array(array, name="counts")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import pyro_vae
-from pyro_vae import VAE, fit, load_data, load_run
+from pyro_vae import VAE, fit, load_run
 from pyro_vae.models.likelihoods import Bernoulli
 from pyro_vae.runs import RunError, load_checkpoint
 from pyro_vae.training import TrainingError, resume
@@ -41,11 +41,6 @@ def _fit(digits, out, epochs):
     vae = VAE(digits.data_shape, **TINY)
     return fit(vae, digits, "iwae", particles=3, epochs=epochs, out=out, progress=False,
                device="cpu")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_data("digits")
 
 
 def test_resume_is_bit_for_bit_equal_to_an_uninterrupted_run(digits, tmp_path):

@@ -11,18 +11,13 @@ import pytest
 import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 
-from pyro_vae import VAE, evaluate, fit, load_data, load_run
+from pyro_vae import VAE, evaluate, fit, load_run
 from pyro_vae.cli import main
 
 #: Held-out log-likelihood that README.md states for the default `pyro-vae train` (nats per
 #: datapoint, K = 1000, test split), and its standard error over the 180 test datapoints.
 README_TEST_LOG_LIKELIHOOD = -23.246
 README_TEST_LOG_LIKELIHOOD_SE = 0.183
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_data("digits")
 
 
 def _small_vae(digits, seed=0):
