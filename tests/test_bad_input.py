@@ -176,20 +176,18 @@ def run_dir(ctx: Ctx) -> str:
     return str(ctx.run)
 
 
+def run_with_file(name: str, content: str | bytes) -> Callable[[Ctx], str]:
+    """A copy of the trained run whose file ``name`` holds ``content`` instead."""
+    def make(ctx: Ctx) -> str:
+        copied = ctx.copy_run()
+        data = content.encode() if isinstance(content, str) else content
+        (copied / name).write_bytes(data)
+        return str(copied)
+    return make
+
+
 def run_with_config(content: str) -> Callable[[Ctx], str]:
-    def make(ctx: Ctx) -> str:
-        copied = ctx.copy_run()
-        (copied / "config.json").write_text(content)
-        return str(copied)
-    return make
-
-
-def run_with_weights(content: bytes) -> Callable[[Ctx], str]:
-    def make(ctx: Ctx) -> str:
-        copied = ctx.copy_run()
-        (copied / "weights.pt").write_bytes(content)
-        return str(copied)
-    return make
+    return run_with_file("config.json", content)
 
 
 def empty_dir(ctx: Ctx) -> str:
@@ -319,7 +317,7 @@ CASES = [
      "not a valid run configuration", ()),
     ("evaluate-config-model-null", evaluate(run_with_config('{"model": null}')),
      "not a valid run configuration", ()),
-    ("evaluate-corrupt-weights", evaluate(run_with_weights(b"junk")), "cannot be loaded", ()),
+    ("evaluate-corrupt-weights", evaluate(run_with_file("weights.pt", b"junk")), "cannot be loaded", ()),
     ("evaluate-particles-0", evaluate(run_dir, "--particles", "0"), "positive integer", ()),
     ("evaluate-split-bogus", evaluate(run_dir, "--split", "bogus"), "invalid choice", ()),
     ("evaluate-device-tpu", evaluate(run_dir, "--device", "tpu"), "tpu", ()),
