@@ -115,10 +115,12 @@ def particle_chunk(vae, batch: int, particles: int) -> int:
     return max(1, min(particles, _CHUNK_FLOATS // (batch * width)))
 
 
-def _posterior_mean(vae, x, y, particle_mean: torch.Tensor) -> torch.Tensor:
-    """E_q[z|x]: closed form where the guide has one, else the mean of the K particles."""
+def _posterior_mean(vae, x, y, guide, particle_mean: torch.Tensor) -> torch.Tensor:
+    """E_q[z|x]: closed form where the guide family has one, else the mean of the K particles.
+    ``guide`` is the distribution the particles were drawn from (batch shape ``[K, batch]``),
+    so the encoder does not run again; without it (a model with no site ``z``) q is rebuilt."""
     try:
-        return vae.encode(x, y).mean
+        return vae.encode(x, y).mean if guide is None else guide.mean[0]
     except NotImplementedError:
         return particle_mean
 
@@ -160,6 +162,7 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
         sum_w = torch.zeros(x.shape[0], device=device)
         sum_rec = sum_w.clone()
         mean_latents = sum_w.new_zeros(x.shape[0], vae.latent_dim)
+        guide = None
         for weights in chunks:
             log_w = weights.total()
             lse_w = torch.logaddexp(lse_w, torch.logsumexp(log_w, 0))
@@ -168,6 +171,7 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
             sum_rec += weights.log_likelihood.sum(0)
             if weights.latents is not None:
                 mean_latents += weights.latents.sum(0) / particles
+                guide = weights.sites["z"].guide
         ess = torch.exp(2 * lse_w - lse_2w)
         rows["elbo"].append(sum_w / particles)
         rows["rec"].append(sum_rec / particles)
@@ -175,7 +179,7 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
         rows["ll"].append(lse_w - math.log(particles))
         rows["ess"].append(ess)
         rows["mcse"].append(((particles / ess - 1).clamp(min=0) / particles).sqrt())
-        rows["mean"].append(_posterior_mean(vae, x, y, mean_latents))
+        rows["mean"].append(_posterior_mean(vae, x, y, guide, mean_latents))
     cat = {k: torch.cat(v).cpu() for k, v in rows.items()}
     return Evaluation(elbo=cat["elbo"], log_likelihood=cat["ll"], reconstruction=cat["rec"],
                       kl=cat["kl"], ess=cat["ess"], log_likelihood_mc_se=cat["mcse"],

@@ -128,3 +128,14 @@ def test_threads_flag_sets_torch_threads_and_is_allowed_on_resume(tmp_path, monk
                  "--quiet"]) == 0
     assert calls == [3, 1]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("guide", ["normal", "full-rank"])
+def test_evaluate_posterior_means_are_the_guides_closed_form_means(digits, guide):
+    """Read from the distribution the particles came from: equal to a fresh encoder pass."""
+    pyro.set_rng_seed(0)
+    vae = VAE(digits.data_shape, 3, hidden=(16,), guide=guide)
+    means = evaluate(vae, digits.test, particles=7, batch_size=64).posterior_means
+    vae.eval()
+    with torch.no_grad():
+        assert torch.equal(means, vae.encode(digits.test).mean)
