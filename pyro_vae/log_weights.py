@@ -1,13 +1,48 @@
-"""The one core every bound reduces: per-datapoint log importance weights.
+r"""The one core every bound reduces: per-datapoint log importance weights of any Pyro program.
 
-For K particles z_k ~ q_φ(z|x) drawn in one vectorized pass (particle dimension leftmost),
+For K particles drawn in one vectorized pass (particle dimension leftmost),
 
-    log w_k(x) = log p_θ(x | z_k) + log p(z_k) − log q_φ(z_k | x),     shape [K, batch].
+.. math:: \log w_{k,b} = \log p_θ(x_b \mid z_{k,b}) + \log p(z_{k,b}) − \log q_φ(z_{k,b} \mid x_b),
+          \qquad\text{shape } [K, \text{batch}].
 
-The three terms are kept apart so that objectives can weight the latent terms (β) or clamp them
-(free bits), and the minibatch scale ``num_data / batch`` is returned separately, so that every
-objective applies it *outside* any log-mean-exp over particles. (Pyro's ``RenyiELBO`` applies it
-inside, which mis-scales minibatch IWAE.)
+**Plates.** The datapoint plate is the plate named ``"data"``. Every site inside it (and inside
+plates nested in it) contributes a *local*, per-datapoint term; nested plates are summed within
+the datapoint. Every site outside it (a global latent, a ``pyro.factor``, a global observation)
+contributes one *global* term per draw. A program with no ``"data"`` plate is one weight for
+everything (a batch of one), so ``iwae`` on it is Pyro's ``RenyiELBO(alpha=0)``.
+
+**The hierarchical bound.** With global latents g and local latents z_b,
+
+.. math:: \log p(x) \;\ge\; \mathbb{E}_{q(g)}\Big[\log\frac{p(g)}{q(g)}
+          + \sum_b \log p(x_b \mid g)\Big]
+          \;\ge\; \mathbb{E}_{q(g)}\Big[\log\frac{p(g)}{q(g)}
+          + \sum_b \mathbb{E}\,\log\frac1K\sum_k w_{k,b}(g)\Big],
+
+the first step is Jensen over g (an ELBO over the globals), the second the IWAE bound of each
+datapoint *given the same g* (any K-particle bound ≤ log p(x_b | g) serves). So the K local
+particles must share one draw of g: for the objectives that are non-linear in the particles
+(``iwae``, ``renyi``, ``dreg``, ``vimco``, ``stl`` at K > 1) the particle plate enters only sites
+inside plate ``"data"`` and the globals are drawn once per step. For the linear ones (``elbo``,
+``meanfield``) every site gets the particle dimension and the result equals ``Trace_ELBO``
+particle for particle. The minibatch scale N/B (``scale``) multiplies the local terms only,
+outside every log-mean-exp. Pyro's ``RenyiELBO`` instead draws the globals per particle and
+puts every term, scaled, inside one log-sum-exp over the particles: with global latents and
+local data its value is not a bound on log p(x) (the datapoints' log-mean-exps mix particles
+with different g), and under subsampling N/B sits inside the log-sum-exp.
+
+**Scales and masks** are Pyro's, per site, as ``Trace_ELBO`` applies them: a site's log-density
+is multiplied by its scale (scalar or tensor, from ``poutine.scale`` or a subsampling plate) and
+zeroed where masked. For local sites the data plate's N/B is divided out and returned as
+``scale``; any other scale stays on its site, inside the weight.
+
+**K = 1** runs the program without a particle dimension, as ``Trace_ELBO`` does.
+
+**Discrete latents.** A guide site without ``rsample`` is sampled and its log q kept apart
+(``score_local`` / ``score_global``) for the score-function estimator. Sites marked
+``infer={"enumerate": "parallel"}`` are enumerated with Pyro's ``poutine.enum``: a model-side
+site (absent from the guide) is summed out of each weight, log Σ_c p(x, c, z_k); a guide-side
+site is summed out of each importance weight, log Σ_c q(c) w_k(c), and averaged over q(c) in the
+ELBO, as ``TraceEnum_ELBO`` does.
 
 Objectives (:mod:`pyro_vae.objectives`), the evaluator and the diagnostics all start here.
 """
@@ -17,37 +52,67 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, NamedTuple
 
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.util import is_validation_enabled
+from pyro.poutine.plate_messenger import PlateMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
+from pyro.util import check_model_guide_match
 
 from .errors import ConfigError
+
+DATA_PLATE = "data"
+#: the name of the internal particle plate (a user plate named "particles" is left alone)
+PARTICLE_PLATE = "_pyro_vae_particles"
 
 
 @dataclass
 class LatentSite:
-    """One latent site: its value and the distributions that scored it."""
+    """One latent site: its value and the distributions that scored it.
+
+    ``local``: inside plate ``"data"``; ``weigh`` turns an elementwise term of the site (a
+    closed-form KL, say) into the site's contribution, ``[particles, batch]`` (local) or
+    ``[particles]`` (global), with the site's scale and mask applied as to its log-density.
+    """
 
     value: torch.Tensor
     prior: torch.distributions.Distribution   # the model's distribution at the site
     guide: torch.distributions.Distribution   # the guide's distribution at the site
+    local: bool = True
+    weigh: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda term: term, repr=False)
+    #: places a ``[particles, batch]`` tensor on the value's particle and datapoint dims
+    spread: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+
+    def per_particle(self, term: torch.Tensor) -> torch.Tensor:
+        """``term`` ``[particles, batch]`` shaped to broadcast against :attr:`value`."""
+        if self.spread is not None:
+            return self.spread(term)
+        return term.reshape(term.shape + (1,) * (self.value.dim() - 2))
 
 
 class LogWeights:
     """Per-datapoint log-density terms of K particles, each of shape ``[particles, batch]``.
 
-    ``log_likelihood``: log p_θ(x | z) (observed sites);
-    ``log_prior``: log p(z) (latent sites of the model);
-    ``log_guide``: log q_φ(z | x) (sites of the guide; with ``stop_guide_gradient`` its
-    parameters are detached and only the path through z carries gradient);
-    ``sites``: the latent sites by name (value ``[particles, batch, ...]`` and distributions),
-    for objectives that need more than the sums (analytic KL, per-dimension KL);
+    ``log_likelihood``: log p_θ(x | z) (observed sites, factors, and model sites summed out by
+    enumeration); ``log_prior``: log p(z) (latent sites of the model); ``log_guide``:
+    log q_φ(z | x) (sites of the guide; with ``stop_guide_gradient`` its parameters are
+    stopped and only the path through z carries gradient); ``sites``: the latent sites by name;
     ``scale``: num_data / batch, the factor that turns a minibatch sum into a data-set estimate.
+
+    Global terms (sites outside plate ``"data"``) are ``global_log_likelihood``,
+    ``global_log_prior`` and ``global_log_guide``, of shape ``[particles]`` (drawn per
+    particle) or ``[1]`` (drawn once and shared by the particles); ``None`` when there are none.
+    ``score_local`` ``[particles, batch]`` and ``score_global`` hold log q of the guide sites
+    sampled without ``rsample`` (the score-function factors), ``None`` when there are none.
+
+    With a guide site enumerated, the local terms carry its values as extra leftmost
+    dimensions, weighted by ``enum_log_q``; :meth:`total` sums them out of the importance
+    weight, :meth:`expected_total` and the three term properties average over them.
 
     ``log_prior`` and ``log_guide`` may be given as functions of no arguments: they are then
     computed when first read (an objective with the KL in closed form never reads them).
@@ -56,12 +121,20 @@ class LogWeights:
     def __init__(self, log_likelihood: torch.Tensor,
                  log_prior: torch.Tensor | Callable[[], torch.Tensor],
                  log_guide: torch.Tensor | Callable[[], torch.Tensor], scale: float,
-                 sites: dict[str, LatentSite] | None = None):
-        self.log_likelihood = log_likelihood
+                 sites: dict[str, LatentSite] | None = None, *,
+                 global_terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 score_local: torch.Tensor | None = None,
+                 score_global: torch.Tensor | None = None,
+                 enum_log_q: torch.Tensor | None = None):
+        self._log_likelihood = log_likelihood
         self._log_prior, self._log_guide = log_prior, log_guide
         self._grad_enabled = torch.is_grad_enabled()  # a deferred term is computed as if now
         self.scale = scale
         self.sites = {} if sites is None else sites
+        self.global_terms = global_terms
+        self.score_local = score_local
+        self.score_global = score_global
+        self.enum_log_q = enum_log_q
 
     def _resolved(self, term):
         if not callable(term):
@@ -69,23 +142,38 @@ class LogWeights:
         with torch.set_grad_enabled(self._grad_enabled):
             return term()
 
+    def _expected(self, term: torch.Tensor) -> torch.Tensor:
+        """Average over enumerated guide values, E_{q(c)}[term], down to ``[particles, batch]``."""
+        if self.enum_log_q is None:
+            return term
+        extra = self.enum_log_q.dim() - 2
+        return (self.enum_log_q.exp() * term).sum(tuple(range(extra)))
+
+    @property
+    def log_likelihood(self) -> torch.Tensor:
+        return self._expected(self._log_likelihood)
+
     @property
     def log_prior(self) -> torch.Tensor:
         self._log_prior = self._resolved(self._log_prior)
-        return self._log_prior
+        return self._expected(self._log_prior)
 
     @property
     def log_guide(self) -> torch.Tensor:
         self._log_guide = self._resolved(self._log_guide)
-        return self._log_guide
+        return self._expected(self._log_guide)
 
     def __repr__(self) -> str:
-        return (f"LogWeights(particles={self.particles}, batch={self.log_likelihood.shape[-1]}, "
+        return (f"LogWeights(particles={self.particles}, batch={self.batch}, "
                 f"scale={self.scale}, sites={list(self.sites)})")
 
     @property
     def particles(self) -> int:
-        return self.log_likelihood.shape[0]
+        return self._log_likelihood.shape[-2]
+
+    @property
+    def batch(self) -> int:
+        return self._log_likelihood.shape[-1]
 
     @property
     def latents(self) -> torch.Tensor | None:
@@ -93,23 +181,226 @@ class LogWeights:
         site = self.sites.get("z")
         return None if site is None else site.value
 
+    def _joint(self, beta: float) -> torch.Tensor:
+        self._log_prior = self._resolved(self._log_prior)
+        self._log_guide = self._resolved(self._log_guide)
+        latent = self._log_prior - self._log_guide
+        return self._log_likelihood + (latent if beta == 1.0 else beta * latent)
+
     def total(self, beta: float = 1.0) -> torch.Tensor:
-        """log w = log p(x|z) + β (log p(z) − log q(z|x)); β = 1 is the usual importance weight."""
-        latent = self.log_prior - self.log_guide
-        return self.log_likelihood + (latent if beta == 1.0 else beta * latent)
+        """log w = log p(x|z) + β (log p(z) − log q(z|x)), ``[particles, batch]``; β = 1 is the
+        usual importance weight. Enumerated guide values are summed out: log Σ_c q(c) w(c)."""
+        joint = self._joint(beta)
+        if self.enum_log_q is None:
+            return joint
+        extra = self.enum_log_q.dim() - 2
+        return torch.logsumexp(self.enum_log_q + joint, dim=tuple(range(extra)))
+
+    def expected_total(self, beta: float = 1.0) -> torch.Tensor:
+        """The ELBO's integrand per particle, ``[particles, batch]``: :meth:`total` without
+        enumeration, E_{q(c)}[log w(c)] with it."""
+        return self._expected(self._joint(beta))
 
     def log_mean_weight(self, beta: float = 1.0) -> torch.Tensor:
         """log (1/K) Σ_k w_k: the per-datapoint IWAE_K bound, ``[batch]``."""
         return torch.logsumexp(self.total(beta), dim=0) - math.log(self.particles)
 
+    def global_total(self, beta: float = 1.0) -> torch.Tensor | None:
+        """The global terms per draw, log p(x_g|g) + β (log p(g) − log q(g)); ``None`` if none."""
+        if self.global_terms is None:
+            return None
+        likelihood, prior, guide = self.global_terms
+        latent = prior - guide
+        return likelihood + (latent if beta == 1.0 else beta * latent)
 
-def _site_log_prob(site: dict) -> torch.Tensor:
-    log_prob = site["fn"].log_prob(site["value"])
-    if site.get("mask") is not None:
-        log_prob = log_prob * site["mask"]
-    return log_prob
+
+# -- the program's structure -------------------------------------------------------------------
+class ProgramStructure(NamedTuple):
+    """What one undisturbed run of a model/guide pair shows: the deepest plate nesting and
+    whether there is a datapoint plate ``"data"`` (vectorized)."""
+
+    max_plate_nesting: int
+    has_data_plate: bool
 
 
+def program_structure(model: Callable, guide: Callable, *args, **kwargs) -> ProgramStructure:
+    """Run the pair once, outside any handler's view, as Pyro's ELBOs guess ``max_plate_nesting``."""
+    devices = ([torch.cuda.current_device()]
+               if torch.cuda.is_available() and torch.cuda.is_initialized() else [])
+    # the random draws of this look are not the caller's: the next run draws as if it had not been
+    with poutine.block(), warnings.catch_warnings(), torch.random.fork_rng(devices):
+        warnings.simplefilter("ignore")
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    nesting, has_data = 0, False
+    for trace in (model_trace, guide_trace):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            for frame in site["cond_indep_stack"]:
+                if frame.name == PARTICLE_PLATE:
+                    continue
+                if frame.name == DATA_PLATE:
+                    if frame.dim is None:
+                        raise ConfigError(f"site {name!r}: plate 'data' is used as a sequential "
+                                          "(for-loop) plate; use it as a vectorized `with` block")
+                    has_data = True
+                if frame.dim is not None:
+                    nesting = max(nesting, -frame.dim)
+    return ProgramStructure(nesting, has_data)
+
+
+class _LocalParticlePlate(PlateMessenger):
+    """The particle plate for the sites inside plate ``"data"`` only: the globals are drawn
+    once and shared by the K local particles (the hierarchical bound above)."""
+
+    def _process_message(self, msg) -> None:
+        if any(frame.name == DATA_PLATE for frame in msg["cond_indep_stack"]):
+            super()._process_message(msg)
+
+
+# -- scoring ------------------------------------------------------------------------------------
+def _scale_and_mask(term: torch.Tensor, scale, mask) -> torch.Tensor:
+    if mask is False:
+        return torch.zeros_like(term)
+    if not (isinstance(scale, (int, float)) and scale == 1.0):
+        term = term * scale
+    if mask is not None and mask is not True:
+        term = torch.where(mask, term, term.new_zeros(()))
+    return term
+
+
+class _Layout:
+    """Where the dimensions of one run's log-densities are, and how to fold them.
+
+    Dims −1 … −M are plates (M = max_plate_nesting); −(M+1) is the particle plate when there is
+    one; further left are enumeration dims. A local term folds to ``[*enum, K, batch]`` (plates
+    nested in "data" summed), a global one to ``[*enum, K]``.
+    """
+
+    def __init__(self, nesting: int, particles: int, has_particle_dim: bool, has_data_plate: bool):
+        self.nesting = nesting
+        self.particles = particles
+        self.has_particle_dim = has_particle_dim
+        self.has_data_plate = has_data_plate
+        self.right = nesting + (1 if has_particle_dim else 0)  # dims that are not enumeration
+
+    def data_frame(self, site):
+        for frame in site["cond_indep_stack"]:
+            if frame.name == DATA_PLATE:
+                return frame
+        return None
+
+    def check(self, name: str, site: dict, term: torch.Tensor, enum_dims: set[int],
+              shared_globals: bool) -> None:
+        """Every dimension of a log-density is declared: a plate, the particles, or an
+        enumerated value. Anything else would be summed silently into a wrong number."""
+        declared = {f.dim for f in site["cond_indep_stack"] if f.dim is not None}
+        for frame in site["cond_indep_stack"]:
+            if (frame.name != DATA_PLATE and frame.full_size is not None
+                    and frame.full_size != frame.size):
+                raise ConfigError(
+                    f"site {name!r}: plate {frame.name!r} subsamples ({frame.size} of "
+                    f"{frame.full_size}); only the datapoint plate 'data' may subsample")
+        for position in range(1, term.dim() + 1):
+            size = term.shape[-position]
+            if size == 1:
+                continue
+            dim = -position
+            if position <= self.nesting:
+                if dim not in declared:
+                    raise ConfigError(
+                        f"site {name!r}: its log-density has a batch dimension of size {size} at "
+                        f"dim {dim} that no enclosing plate declares")
+            elif self.has_particle_dim and position == self.nesting + 1:
+                if shared_globals and self.data_frame(site) is None:
+                    raise ConfigError(
+                        f"site {name!r} outside plate 'data' depends on the local latents; "
+                        "a global site may depend on global latents only")
+            elif dim not in enum_dims:
+                raise ConfigError(
+                    f"site {name!r}: its log-density has {term.dim()} batch dimensions, more "
+                    f"than its {len(declared)} plates declare (max_plate_nesting = "
+                    f"{self.nesting}); declare every batch dimension with a plate")
+
+    def fold(self, term: torch.Tensor, local: bool, data_dim: int | None) -> torch.Tensor:
+        """``[*enum, K, batch]`` (local) or ``[*enum, K]`` (global) from a site's term."""
+        need = self.right
+        if term.dim() < need:
+            term = term.reshape((1,) * (need - term.dim()) + term.shape)
+        if self.nesting:
+            plate_dims = [d for d in range(-self.nesting, 0) if not (local and d == data_dim)]
+            if plate_dims:
+                term = term.sum(plate_dims, keepdim=True)
+            keep = term.shape[data_dim] if (local and data_dim is not None) else None
+            term = term.reshape(term.shape[:-self.nesting] + ((keep,) if keep is not None else ()))
+        if local and data_dim is None:  # a program without plate "data": a batch of one
+            term = term.unsqueeze(-1)
+        if not self.has_particle_dim:
+            term = term.unsqueeze(-2 if local else -1)
+        return term
+
+
+def _enum_dims_of(trace) -> set[int]:
+    return {site["infer"]["_enumerate_dim"] for site in trace.nodes.values()
+            if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None}
+
+
+def _check_enumeration(trace, which: str) -> None:
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        how = site["infer"].get("enumerate")
+        if how is None or site["is_observed"]:
+            continue
+        if how != "parallel":
+            raise ConfigError(f"{which} site {name!r}: enumerate={how!r} is not supported; "
+                              "use infer={'enumerate': 'parallel'}")
+        if site["infer"].get("_enumerate_dim") is None and site["fn"].has_enumerate_support:
+            raise ConfigError(f"{which} site {name!r} is marked for enumeration but was not "
+                              "enumerated")
+
+
+@contextmanager
+def _frozen(parameters: list[torch.Tensor]) -> Iterator[None]:
+    """Within the block, the given leaf tensors take part in computations as constants."""
+    frozen = [p for p in parameters if p.requires_grad and p.is_leaf]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _guide_parameters(guide: Callable, guide_trace) -> list[torch.Tensor]:
+    """Every leaf parameter the guide reads: its module's parameters (when it is a method of an
+    ``nn.Module``), and the param store's leaves behind its ``pyro.param``/``pyro.module``/
+    ``PyroParam`` sites."""
+    found: dict[int, torch.Tensor] = {}
+    owner = getattr(guide, "__self__", None)
+    if isinstance(owner, torch.nn.Module):
+        found.update((id(p), p) for p in owner.parameters())
+    store = pyro.get_param_store()
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "param":
+            continue
+        for candidate in (site["value"], store._params.get(name)):
+            if torch.is_tensor(candidate) and candidate.is_leaf and candidate.requires_grad:
+                found[id(candidate)] = candidate
+    return list(found.values())
+
+
+def _with_values(trace, values: dict[str, torch.Tensor]):
+    """A copy of ``trace`` whose sample sites named in ``values`` hold those values."""
+    copy = trace.copy()
+    for name, value in values.items():
+        copy.nodes[name] = {**copy.nodes[name], "value": value}
+    return copy
+
+
+# -- the untraced fast path of an unmodified VAE --------------------------------------------------
 @contextmanager
 def _parameters_detached(module: torch.nn.Module) -> Iterator[None]:
     """Within the block, every parameter of ``module`` reads as a detached tensor."""
@@ -129,17 +420,19 @@ def _parameters_detached(module: torch.nn.Module) -> Iterator[None]:
 
 def _plain_vae(model: Callable, guide: Callable):
     """The VAE whose unmodified ``model``/``guide`` these are, when nothing else is listening:
-    no Pyro handler is active (SVI's parameter capture, a user's ``poutine``). Then tracing
-    would add bookkeeping and nothing else: the site structure is fixed by construction, and
-    Pyro's validation switch also governs torch's argument and support checks, which the
-    distributions run either way."""
+    no Pyro handler is active (SVI's parameter capture, a user's ``poutine``), and its guide
+    family is reparameterized and not enumerated. Then tracing would add bookkeeping and nothing
+    else: the site structure is fixed by construction, and Pyro's validation switch also
+    governs torch's argument and support checks, which the distributions run either way."""
     owner = getattr(model, "__self__", None)
     if owner is None or getattr(guide, "__self__", None) is not owner:
         return None
     from .vae import VAE
 
     if (not isinstance(owner, VAE) or type(owner).model is not VAE.model
-            or type(owner).guide is not VAE.guide or _PYRO_STACK):
+            or type(owner).guide is not VAE.guide or _PYRO_STACK
+            or not getattr(owner.guide_family, "has_rsample", True)
+            or getattr(owner.guide_family, "infer", None)):
         return None
     return owner
 
@@ -173,81 +466,329 @@ def _vae_log_weights(vae, particles: int, stop_guide_gradient: bool, x: torch.Te
                       1.0 if num_data is None else num_data / batch, {"z": site})
 
 
+# -- the general traced path ----------------------------------------------------------------------
 def log_weights(model: Callable, guide: Callable, *args, particles: int = 1,
-                stop_guide_gradient: bool = False, **kwargs) -> LogWeights:
+                stop_guide_gradient: bool = False, shared_globals: bool = True,
+                structure: ProgramStructure | Callable[[], ProgramStructure] | None = None,
+                **kwargs) -> LogWeights:
     """Trace ``guide`` and replay ``model`` against it with ``particles`` vectorized particles.
 
-    Both programs must place every sample site inside the plate ``"data"`` (dim −1), as
-    :class:`pyro_vae.VAE` does; the particle plate takes dim −2. The result is differentiable
-    with respect to both programs' parameters through reparameterized samples.
+    Any Pyro model/guide pair: plates (the datapoint plate is ``"data"``), scales, masks,
+    factors, global and local latents, discrete sites (see the module docstring). The result is
+    differentiable with respect to both programs' parameters: pathwise through reparameterized
+    samples; sites sampled without ``rsample`` are detached and their log q returned apart
+    for a score-function estimator.
+
+    :param shared_globals: draw the global latents once and share them across the K local
+        particles (the hierarchical bound; for objectives non-linear in the particles). With
+        ``False`` every site gets the particle dimension (``Trace_ELBO``'s vectorized particles).
+    :param stop_guide_gradient: score the guide a second time at the same values with every
+        guide parameter stopped (module parameters, ``pyro.param``, ``PyroParam``), so
+        log q(z|x) keeps only the path gradient through z(φ, ε): the gradient used by STL and
+        DReG. The latent sites' values in ``sites`` are then aliases of the samples through
+        which the path gradient of the weights (and only it) flows.
+    :param structure: the program's :class:`ProgramStructure` (or a function returning it),
+        if known; finding it costs one run of the pair.
 
     For an unmodified :class:`pyro_vae.VAE` with no Pyro handler active (how
     :func:`pyro_vae.fit` and :func:`pyro_vae.evaluate` run), the same numbers are computed from
     its components without tracing; a test holds the two paths equal.
-
-    With ``stop_guide_gradient`` the guide is scored a second time at the same z with its
-    parameters detached, so log q(z|x) keeps only the gradient through z(φ, ε): the "path"
-    gradient used by STL and DReG. The guide must then be a method of an ``nn.Module``.
-
-    .. warning:: Gradients are pathwise: guide sites must be reparameterizable
-       (``has_rsample``); non-reparameterized guide sites are refused.
     """
-    if not isinstance(particles, int) or particles < 1:
+    if not isinstance(particles, int) or isinstance(particles, bool) or particles < 1:
         raise ConfigError(f"particles must be a positive integer, not {particles!r}")
     vae = _plain_vae(model, guide)
     if vae is not None:
         return _vae_log_weights(vae, particles, stop_guide_gradient, *args, **kwargs)
-    with pyro.plate("particles", particles, dim=-2):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-        scored_trace, stopped = guide_trace, {}
-        if stop_guide_gradient:
-            owner = getattr(guide, "__self__", None)
-            if not isinstance(owner, torch.nn.Module):
-                raise ConfigError("a stopped guide gradient (stl, dreg) needs the guide to be a "
-                                  "method of an nn.Module, such as VAE.guide")
-            with _parameters_detached(owner), warnings.catch_warnings():
-                # pyro.module notes that detached tensors are not registered: intended here
-                warnings.filterwarnings("ignore", message=".*not registered in the param store")
-                scored_trace = poutine.trace(poutine.replay(guide, trace=guide_trace)).get_trace(
-                    *args, **kwargs)
-                # score while the parameters read detached: a flow's inverse runs lazily
-                # inside log_prob, and must not see the live parameters
-                stopped = {name: _site_log_prob(site) for name, site in scored_trace.nodes.items()
-                           if site["type"] == "sample" and not site["is_observed"]
-                           and not site_is_subsample(site)}
+    if structure is None:
+        structure = program_structure(model, guide, *args, **kwargs)
+    elif callable(structure):
+        structure = structure()
+    return _traced_log_weights(model, guide, args, kwargs, particles, stop_guide_gradient,
+                               shared_globals, structure)
 
-    shape = None
-    log_likelihood = log_prior = log_guide = 0.0
-    scale = 1.0
-    for site in model_trace.nodes.values():
-        if site["type"] != "sample" or site_is_subsample(site):
+
+def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_gradient: bool,
+                        shared_globals: bool, structure: ProgramStructure) -> LogWeights:
+    nesting, has_data = structure
+    has_particle_dim = particles > 1
+    shared = shared_globals and has_data and has_particle_dim
+    layout = _Layout(nesting, particles, has_particle_dim, has_data)
+    first_enum_dim = -(layout.right + 1)
+
+    if has_particle_dim:
+        plate_type = _LocalParticlePlate if shared else PlateMessenger
+        particle_plate = plate_type(name=PARTICLE_PLATE, size=particles, dim=-(nesting + 1))
+    else:
+        particle_plate = None
+
+    def in_particles(fn):
+        # the plate sits inside replay, so replayed sites are broadcast as Pyro's own vectorized
+        # particles are, and the model's distributions carry the particle dimension
+        if particle_plate is None:
+            return fn
+
+        def vectorized(*args, **kwargs):
+            with particle_plate:
+                return fn(*args, **kwargs)
+
+        return vectorized
+
+    try:
+        guide_trace = poutine.trace(poutine.enum(
+            in_particles(guide), first_available_dim=first_enum_dim)).get_trace(*args, **kwargs)
+        guide_enum_dims = _enum_dims_of(guide_trace)
+        model_first = first_enum_dim - len(guide_enum_dims)
+        values = _path_aliases(guide_trace) if stop_guide_gradient else {}
+        replayed = _with_values(guide_trace, values) if values else guide_trace
+        model_trace = poutine.trace(poutine.enum(
+            poutine.replay(in_particles(model), trace=replayed), first_available_dim=model_first)
+        ).get_trace(*args, **kwargs)
+    except NotImplementedError as error:
+        if "enumerat" in str(error).lower():
+            raise ConfigError(f"enumeration: {error}") from None
+        raise
+    if is_validation_enabled():
+        check_model_guide_match(model_trace, guide_trace)
+    _check_enumeration(guide_trace, "guide")
+    _check_enumeration(model_trace, "model")
+    stopped = {}
+    if stop_guide_gradient:
+        stopped = _stopped_guide_log_probs(guide, in_particles(guide), guide_trace, values,
+                                           layout, args, kwargs, shared)
+    model_enum_dims = _enum_dims_of(model_trace) - guide_enum_dims
+    enum_dims = guide_enum_dims | model_enum_dims
+
+    def data_dim_of(site):
+        frame = layout.data_frame(site)
+        return None if frame is None else frame.dim
+
+    def is_local(site):
+        return not has_data or layout.data_frame(site) is not None
+
+    data_scale = 1.0
+    batch = 1
+    for trace in (model_trace, guide_trace):
+        for site in trace.nodes.values():
+            frame = site["type"] == "sample" and layout.data_frame(site)
+            if frame:
+                batch = frame.size
+                data_scale = frame.full_size / frame.size if frame.full_size else 1.0
+                break
+
+    def term_of(name, site, which):
+        unscaled = stopped.get(name) if which == "guide" else None
+        if unscaled is None:
+            unscaled = site["fn"].log_prob(site["value"])
+            layout.check(name, site, unscaled, enum_dims, shared)
+        scale = site["scale"]
+        if is_local(site) and data_scale != 1.0:
+            scale = scale / data_scale
+        if _depends_on(unscaled, enum_dims):
+            if not (isinstance(scale, (int, float)) and scale == 1.0):
+                raise ConfigError(f"{which} site {name!r}: a scale on a site that depends on an "
+                                  "enumerated site is not supported")
+            _check_enumerated_plates(name, site)
+        return _scale_and_mask(unscaled, scale, site["mask"])
+
+    local = {"likelihood": [], "prior": [], "guide": [], "marginal": [], "enum_q": [],
+             "score": []}
+    glob = {"likelihood": [], "prior": [], "guide": [], "score": []}
+    sites: dict[str, LatentSite] = {}
+    reference = None
+
+    def add(bucket, site, term):
+        nonlocal reference
+        folded = layout.fold(term, is_local(site), data_dim_of(site))
+        reference = folded if reference is None else reference
+        bucket.append(folded)
+
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
             continue
-        term = _site_log_prob(site)
-        if site["is_observed"]:
-            log_likelihood = log_likelihood + term
-            scale = float(site["scale"])
+        term = term_of(name, site, "model")
+        if is_local(site):
+            key = ("marginal" if _depends_on(term, model_enum_dims)
+                   else "likelihood" if site["is_observed"] else "prior")
+            add(local[key], site, term)
         else:
-            log_prior = log_prior + term
-        shape = term.shape if shape is None else torch.broadcast_shapes(shape, term.shape)
-    sites = {}
-    for name, site in scored_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            if _depends_on(term, enum_dims):
+                raise ConfigError(f"model site {name!r} outside plate 'data' depends on an "
+                                  "enumerated site; only sites inside plate 'data' may")
+            add(glob["likelihood" if site["is_observed"] else "prior"], site, term)
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
             continue
-        if not site["fn"].has_rsample:
-            raise ConfigError(f"guide site {name!r} is not reparameterizable; "
-                              "these bounds need pathwise gradients")
-        log_guide = log_guide + (stopped[name] if name in stopped else _site_log_prob(site))
-        if name in model_trace.nodes:
-            sites[name] = LatentSite(site["value"], model_trace.nodes[name]["fn"], site["fn"])
-    if shape is None or len(shape) != 2:
-        raise ConfigError("log_weights needs sample sites inside the plate 'data' "
-                          f"(got log-density shape {tuple(shape) if shape else None})")
-    shape = (particles, shape[-1])
+        term = term_of(name, site, "guide")
+        bucket = local if is_local(site) else glob
+        add(bucket["guide"], site, term)
+        if site["is_observed"]:
+            continue
+        if site["infer"].get("_enumerate_dim") is not None:
+            if not is_local(site):
+                raise ConfigError(f"guide site {name!r}: an enumerated guide site must be inside "
+                                  "plate 'data'")
+            add(local["enum_q"], site, term)
+        elif not site["fn"].has_rsample:
+            if stop_guide_gradient:
+                raise ConfigError(f"guide site {name!r} is not reparameterizable; stl and dreg "
+                                  "need pathwise gradients (use elbo, iwae, renyi or vimco)")
+            # the score-function factor: log q, neither scaled nor masked (Pyro's ScoreParts)
+            add(bucket["score"], site, site["fn"].log_prob(site["value"]))
+        model_site = model_trace.nodes.get(name)
+        if model_site is not None and model_site["type"] == "sample" and not model_site["is_observed"]:
+            sites[name] = LatentSite(values.get(name, site["value"]), model_site["fn"], site["fn"],
+                                     local=is_local(site),
+                                     weigh=_weigher(site, layout, is_local(site),
+                                                    data_dim_of(site), data_scale),
+                                     spread=_spreader(site, layout, data_dim_of(site)))
+    if reference is None:
+        raise ConfigError("the model and guide have no sample sites to score")
+    if local["enum_q"] and (local["score"] or glob["score"]):
+        raise ConfigError("a guide with both enumerated and score-function sites is not "
+                          "supported; enumerate every discrete guide site or none")
 
-    def full(term):
-        if torch.is_tensor(term):
-            return term.expand(shape)
-        return torch.zeros(shape, device=log_likelihood.device)
+    local_shape = (particles, batch)
+    likelihood = _summed(local["likelihood"])
+    marginal = _summed(local["marginal"])
+    if marginal is not None:
+        # model-side enumerated values summed out of each weight: log Σ_c p(x, c, z)
+        marginal = _sum_out(marginal, model_enum_dims, layout)
+        likelihood = marginal if likelihood is None else likelihood + marginal
+    leading = len(guide_enum_dims)
 
-    return LogWeights(full(log_likelihood), full(log_prior), full(log_guide), scale, sites)
+    def aligned(term):
+        term = reference.new_zeros(local_shape) if term is None else term
+        while term.dim() > leading + 2:  # model-side enumeration dims, now of size one
+            term = term.squeeze(0)
+        return term.reshape((1,) * (leading + 2 - term.dim()) + term.shape)
+
+    terms = [aligned(_summed(local[key])) if key != "likelihood" else aligned(likelihood)
+             for key in ("likelihood", "prior", "guide")]
+    enum_q = _summed(local["enum_q"])
+    if enum_q is not None:
+        enum_q = aligned(enum_q)
+        full = torch.broadcast_shapes(enum_q.shape, *(t.shape for t in terms),
+                                      (1,) * leading + local_shape)
+        terms, enum_q = [t.expand(full) for t in terms], enum_q.expand(full)
+    else:
+        terms = [t.expand(local_shape) for t in terms]
+    score_local = _summed(local["score"])
+    if score_local is not None:
+        score_local = score_local.expand(local_shape)
+
+    global_terms = score_global = None
+    if any(glob[k] for k in ("likelihood", "prior", "guide")):
+        width = 1 if shared else particles
+        global_terms = tuple(
+            (_summed(glob[k]) if glob[k] else reference.new_zeros((1,))).expand(width)
+            for k in ("likelihood", "prior", "guide"))
+        if glob["score"]:
+            score_global = _summed(glob["score"]).expand(width)
+    return LogWeights(*terms, data_scale, sites, global_terms=global_terms,
+                      score_local=score_local, score_global=score_global, enum_log_q=enum_q)
+
+
+def _summed(terms: list[torch.Tensor]) -> torch.Tensor | None:
+    if not terms:
+        return None
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+def _depends_on(term: torch.Tensor, dims: set[int]) -> bool:
+    return any(-d <= term.dim() and term.shape[d] > 1 for d in dims)
+
+
+def _check_enumerated_plates(name, site) -> None:
+    allowed = {DATA_PLATE, PARTICLE_PLATE}
+    extra = [f.name for f in site["cond_indep_stack"] if f.name not in allowed]
+    if extra:
+        raise ConfigError(f"site {name!r} depends on an enumerated site inside plate "
+                          f"{extra[0]!r}; enumeration is supported directly in plate 'data' "
+                          "(or in a program without plates)")
+
+
+def _sum_out(term: torch.Tensor, dims: set[int], layout: _Layout) -> torch.Tensor:
+    """log Σ over the enumerated values at ``dims`` (negative, counted on the raw layout)."""
+    # a folded local term has 2 rightmost dims (K, batch) in place of layout.right raw dims
+    shift = layout.right - 2
+    folded = sorted(d + shift for d in dims if -(d + shift) <= term.dim())
+    if folded:
+        term = torch.logsumexp(term, dim=folded, keepdim=True)
+    return term
+
+
+def _weigher(site, layout: _Layout, local: bool, data_dim, data_scale):
+    """A function applying the site's scale and mask to an elementwise term and folding it."""
+    scale = site["scale"]
+    if local and data_scale != 1.0:
+        scale = scale / data_scale
+    mask = site["mask"]
+
+    def weigh(term: torch.Tensor) -> torch.Tensor:
+        return layout.fold(_scale_and_mask(term, scale, mask), local, data_dim)
+
+    return weigh
+
+
+def _path_aliases(guide_trace) -> dict[str, torch.Tensor]:
+    """A distinct autograd node for each reparameterized latent value: the weights are scored
+    through it, so a gradient hook on it sees ∂ log w / ∂z as a *density input* only, not the
+    guide's own dependence of later sites on it (which DReG must not re-weight)."""
+    aliases = {}
+    for name, site in guide_trace.nodes.items():
+        if (site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+                and site["fn"].has_rsample and torch.is_tensor(site["value"])
+                and site["value"].requires_grad):
+            aliases[name] = site["value"].view_as(site["value"])
+    return aliases
+
+
+def _stopped_guide_log_probs(guide, vectorized_guide, guide_trace, aliases, layout, args, kwargs,
+                             shared: bool) -> dict[str, torch.Tensor]:
+    """log q of every latent guide site with every guide parameter stopped, scored at the
+    aliases (so the path gradient flows). With globals shared by local particles, the local
+    sites are scored given *stopped* global values: their dependence on g is part of q's
+    parameters, whose score term DReG replaces (Tucker et al. 2019, eq. 5)."""
+    parameters = _guide_parameters(guide, guide_trace)
+
+    def rescore(values):
+        with _frozen(parameters), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not registered in the param store")
+            trace = poutine.trace(poutine.replay(vectorized_guide,
+                                                 trace=_with_values(guide_trace, values))
+                                  ).get_trace(*args, **kwargs)
+            # score while the parameters are frozen: a flow's inverse runs lazily in log_prob
+            return {name: site["fn"].log_prob(site["value"]) for name, site in trace.nodes.items()
+                    if site["type"] == "sample" and not site["is_observed"]
+                    and not site_is_subsample(site)}, trace
+
+    scored, trace = rescore(aliases)
+    global_names = [name for name, site in trace.nodes.items()
+                    if site["type"] == "sample" and not site["is_observed"]
+                    and not site_is_subsample(site) and layout.data_frame(site) is None]
+    if shared and global_names:
+        detached = dict(aliases)
+        detached.update({name: aliases[name].detach() for name in global_names if name in aliases})
+        local_scored, _ = rescore(detached)
+        scored.update({name: term for name, term in local_scored.items()
+                       if name not in global_names})
+    return scored
+
+
+def _spreader(site, layout: _Layout, data_dim):
+    """Place ``[particles, batch]`` on the particle and datapoint dims of the site's value."""
+    event_dim = site["fn"].event_dim
+    batch_dims = site["value"].dim() - event_dim
+
+    def spread(term: torch.Tensor) -> torch.Tensor:
+        shape = [1] * max(batch_dims, layout.right)
+        if layout.has_particle_dim:
+            shape[-(layout.nesting + 1)] = term.shape[0]
+        if data_dim is not None:
+            shape[data_dim] = term.shape[1]
+        return term.reshape(shape + [1] * event_dim)
+
+    return spread

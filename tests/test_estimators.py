@@ -182,7 +182,7 @@ def test_objective_options_that_cannot_work_are_refused():
     with pytest.raises(ConfigError, match="alpha"):
         make_objective("iwae", alpha=0.5)
     with pytest.raises(ConfigError, match="unknown objective"):
-        make_objective("vimco")
+        make_objective("reinforce")
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))
