@@ -59,6 +59,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import is_validation_enabled
+from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.plate_messenger import PlateMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
@@ -125,7 +126,7 @@ class LogWeights:
                  global_terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                  score_local: torch.Tensor | None = None,
                  score_global: torch.Tensor | None = None,
-                 enum_log_q: torch.Tensor | None = None):
+                 enum_log_q: torch.Tensor | None = None, model_only: list[str] | None = None):
         self._log_likelihood = log_likelihood
         self._log_prior, self._log_guide = log_prior, log_guide
         self._grad_enabled = torch.is_grad_enabled()  # a deferred term is computed as if now
@@ -135,6 +136,8 @@ class LogWeights:
         self.score_local = score_local
         self.score_global = score_global
         self.enum_log_q = enum_log_q
+        #: latent sites of the model that the guide does not sample (drawn from the prior)
+        self.model_only = [] if model_only is None else model_only
 
     def _resolved(self, term):
         if not callable(term):
@@ -341,6 +344,23 @@ class _Layout:
         return term
 
 
+class _CheckedEnum(EnumMessenger):
+    """Pyro's parallel enumeration, refusing in one line what it cannot honour (rather than
+    sampling the site, or failing inside Pyro)."""
+
+    def _pyro_sample(self, msg) -> None:
+        how = msg["infer"].get("enumerate")
+        if how is not None and not msg["done"] and not msg["is_observed"]:
+            if how != "parallel":
+                raise ConfigError(f"site {msg['name']!r}: enumerate={how!r} is not supported; "
+                                  "use infer={'enumerate': 'parallel'}")
+            if not getattr(msg["fn"], "has_enumerate_support", False):
+                raise ConfigError(f"site {msg['name']!r} is marked for enumeration, but "
+                                  f"{type(msg['fn']).__name__} has no finite support to "
+                                  "enumerate")
+        super()._pyro_sample(msg)
+
+
 def _enum_dims_of(trace) -> set[int]:
     return {site["infer"]["_enumerate_dim"] for site in trace.nodes.values()
             if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None}
@@ -534,18 +554,22 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
         return vectorized
 
     try:
-        guide_trace = poutine.trace(poutine.enum(
-            in_particles(guide), first_available_dim=first_enum_dim)).get_trace(*args, **kwargs)
+        guide_trace = poutine.trace(_CheckedEnum(first_available_dim=first_enum_dim)(
+            in_particles(guide))).get_trace(*args, **kwargs)
         guide_enum_dims = _enum_dims_of(guide_trace)
         model_first = first_enum_dim - len(guide_enum_dims)
         values = _path_aliases(guide_trace) if stop_guide_gradient else {}
         replayed = _with_values(guide_trace, values) if values else guide_trace
-        model_trace = poutine.trace(poutine.enum(
-            poutine.replay(in_particles(model), trace=replayed), first_available_dim=model_first)
-        ).get_trace(*args, **kwargs)
-    except NotImplementedError as error:
-        if "enumerat" in str(error).lower():
-            raise ConfigError(f"enumeration: {error}") from None
+        model_trace = poutine.trace(_CheckedEnum(first_available_dim=model_first)(
+            poutine.replay(in_particles(model), trace=replayed))).get_trace(*args, **kwargs)
+    except ValueError as error:
+        message = str(error).splitlines()[0] if str(error) else ""
+        if message.startswith("Shape mismatch inside plate"):
+            # Pyro's broadcast found a batch dimension that no plate declares where the
+            # particle plate was to go
+            raise ConfigError(f"{message.replace(repr(PARTICLE_PLATE), 'of the particles')}: a "
+                              "batch dimension that no plate declares; declare every batch "
+                              "dimension with a plate") from None
         raise
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace)
@@ -684,8 +708,13 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
             for k in ("likelihood", "prior", "guide"))
         if glob["score"]:
             score_global = _summed(glob["score"]).expand(width)
+    model_only = [name for name, site in model_trace.nodes.items()
+                  if site["type"] == "sample" and not site["is_observed"]
+                  and not site_is_subsample(site) and name not in guide_trace.nodes
+                  and site["infer"].get("_enumerate_dim") is None]
     return LogWeights(*terms, data_scale, sites, global_terms=global_terms,
-                      score_local=score_local, score_global=score_global, enum_log_q=enum_q)
+                      score_local=score_local, score_global=score_global, enum_log_q=enum_q,
+                      model_only=model_only)
 
 
 def _summed(terms: list[torch.Tensor]) -> torch.Tensor | None:

@@ -326,6 +326,9 @@ class MeanFieldELBO(CoreObjective, TraceMeanField_ELBO):
 
     def _check_supported(self, weights: LogWeights) -> None:
         super()._check_supported(weights)
+        if weights.model_only:
+            raise ConfigError(f"objective 'meanfield' needs a guide site for every latent site "
+                              f"of the model; {weights.model_only[0]!r} has none (use 'elbo')")
         for name, site in weights.sites.items():
             if not site.guide.has_rsample:
                 raise ConfigError(f"objective 'meanfield' needs reparameterized guide sites; "

@@ -214,8 +214,11 @@ class VAE(nn.Module):
         """q_φ(z|x): latent site ``"z"`` in plate ``"data"``."""
         pyro.module(f"{self._pyro_name}.encoder", self.encoder)
         pyro.module(f"{self._pyro_name}.guide_family", self.guide_family)
+        # The family's infer dict, e.g. enumeration of a discrete z (pyro.sample copies it; an
+        # empty one leaves the site as it was without one).
+        infer = dict(getattr(self.guide_family, "infer", {}))
         with self._data_plate(x, num_data):
-            return pyro.sample("z", self.encode(x, y))
+            return pyro.sample("z", self.encode(x, y), infer=infer)
 
     # -- conveniences --------------------------------------------------------------------------
     @torch.no_grad()
