@@ -178,7 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dir", metavar="RUN_DIR", nargs="?")
     add_model_arguments(compare)
     compare.add_argument("--objectives", default="elbo,iwae,dreg", metavar="O1,O2",
-                         help="comma-separated objective names (default elbo,iwae,dreg)")
+                         help="comma-separated estimators, objective[:gradient] with gradient "
+                              "pathwise (default), score, enum or relaxed, e.g. "
+                              "elbo,elbo:score,vimco (default elbo,iwae,dreg)")
+    compare.add_argument("--temperature", type=_finite_float, default=0.5, metavar="T",
+                         help="temperature of the :relaxed estimators (default 0.5)")
     compare.add_argument("--particles", default="1,5,50", metavar="K1,K2",
                          help="comma-separated K values (default 1,5,50)")
     compare.add_argument("--alpha", type=_finite_float, metavar="A", help="Rényi α (renyi)")
@@ -412,16 +416,16 @@ def _names(text: str, flag: str) -> list[str]:
 
 
 def cmd_compare_estimators(args: argparse.Namespace) -> int:
-    from .estimators import compare_estimators, comparison_figure, format_table
-    from .objectives import OBJECTIVES
+    from .estimators import compare_estimators, comparison_figure, format_table, parse_estimator
     from .runs import load_run
     from .training import check_compatible, fit, labels_for, resolve_device
 
     objectives = _names(args.objectives, "--objectives")
-    for name in objectives:
-        if name not in OBJECTIVES:
-            raise ConfigError(f"unknown objective {name!r} in --objectives; choose from: "
-                              f"{', '.join(OBJECTIVES)}")
+    for spec in objectives:
+        try:
+            parse_estimator(spec)
+        except ConfigError as error:
+            raise ConfigError(f"{error} (in --objectives)") from None
     try:
         particles = [int(k) for k in _names(args.particles, "--particles")]
     except ValueError:
@@ -458,7 +462,7 @@ def cmd_compare_estimators(args: argparse.Namespace) -> int:
         raise ConfigError(f"split {args.split!r} has fewer than 2 datapoints")
     labels = labels_for(vae, dataset, args.split)
     rows = compare_estimators(vae, x, objectives, particles, repeats=args.repeats,
-                              alpha=args.alpha, seed=seed,
+                              alpha=args.alpha, seed=seed, temperature=args.temperature,
                               labels=None if labels is None else labels[: args.batch_size],
                               progress=not args.json and sys.stderr.isatty())
     if args.json:

@@ -12,6 +12,18 @@ For each objective × K, on a fixed minibatch of data:
 
 Rainforth et al. (2018) predict, for ``iwae``, an encoder SNR falling like 1/√K and a decoder
 SNR rising like √K; ``dreg`` (Tucker et al. 2019) keeps the encoder SNR from falling.
+
+An estimator is an objective name with an optional gradient, ``objective[:gradient]``, applied to
+the same model/guide pair by a handler (:func:`with_gradient`):
+
+- ``pathwise`` (the default): reparameterized sites by their path, discrete sites by the score
+  function;
+- ``score``: every guide site by the score function (REINFORCE), even where ``rsample`` exists
+  — beside the pathwise row it shows what the reparameterization trick buys;
+- ``enum``: every discrete guide site summed out exactly (``config_enumerate``);
+- ``relaxed``: every one-hot categorical site, in the model and the guide, replaced by its
+  Concrete / Gumbel-softmax relaxation at ``temperature`` (Maddison et al. 2017; Jang et al.
+  2017) — a pathwise gradient of a *different*, relaxed model.
 """
 
 from __future__ import annotations
@@ -22,10 +34,85 @@ import time
 from typing import Iterable, Sequence
 
 import pyro
+import pyro.distributions as dist
 import torch
+from pyro.infer import config_enumerate
+from pyro.poutine.messenger import Messenger
 
 from .errors import ConfigError
 from .objectives import OBJECTIVES, make_objective
+
+GRADIENTS = ("pathwise", "score", "enum", "relaxed")
+
+
+class ScoreFunctionOnly(dist.TorchDistribution):
+    """``base`` without its reparameterized sampler: objectives then use the score function."""
+
+    has_rsample = False
+    arg_constraints: dict = {}
+
+    def __init__(self, base: dist.TorchDistribution):
+        self.base = base
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self.base.support
+
+    def expand(self, batch_shape, _instance=None):
+        return ScoreFunctionOnly(self.base.expand(batch_shape))
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.base.sample(sample_shape)
+
+    def log_prob(self, value):
+        return self.base.log_prob(value)
+
+
+class _ScoreFunction(Messenger):
+    def _pyro_sample(self, msg) -> None:
+        if not msg["is_observed"] and getattr(msg["fn"], "has_rsample", False):
+            msg["fn"] = ScoreFunctionOnly(msg["fn"])
+
+
+class _Relaxed(Messenger):
+    def __init__(self, temperature: float):
+        super().__init__()
+        self.temperature = temperature
+
+    def _pyro_sample(self, msg) -> None:
+        fn = msg["fn"]
+        if not msg["is_observed"] and isinstance(fn, dist.OneHotCategorical):
+            temperature = torch.full((), self.temperature, dtype=fn.logits.dtype,
+                                     device=fn.logits.device)
+            msg["fn"] = dist.RelaxedOneHotCategorical(temperature, logits=fn.logits)
+
+
+def parse_estimator(spec: str) -> tuple[str, str]:
+    """``"elbo:enum"`` → ``("elbo", "enum")``; a bare name uses the ``pathwise`` gradient."""
+    name, _, gradient = spec.partition(":")
+    gradient = gradient or "pathwise"
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {name!r}; choose from: {', '.join(OBJECTIVES)}")
+    if gradient not in GRADIENTS:
+        raise ConfigError(f"unknown gradient {gradient!r} in {spec!r}; choose from: "
+                          f"{', '.join(GRADIENTS)}")
+    return name, gradient
+
+
+def with_gradient(model, guide, gradient: str, temperature: float = 0.5):
+    """The model/guide pair as the ``gradient`` estimator sees it (see the module docstring)."""
+    if gradient == "pathwise":
+        return model, guide
+    if gradient == "score":
+        return model, _ScoreFunction()(guide)
+    if gradient == "enum":
+        return model, config_enumerate(guide, default="parallel")
+    if gradient == "relaxed":
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ConfigError(f"the relaxation temperature must be positive, not {temperature!r}")
+        return _Relaxed(temperature)(model), _Relaxed(temperature)(guide)
+    raise ConfigError(f"unknown gradient {gradient!r}; choose from: {', '.join(GRADIENTS)}")
 
 ROW_KEYS = ("objective", "particles", "bound", "bound_se", "encoder_snr", "decoder_snr",
             "encoder_grad_var", "decoder_grad_var", "ms_per_step")
@@ -51,11 +138,12 @@ def _snr_and_variance(draws: torch.Tensor) -> tuple[float, float]:
 
 
 def gradient_draws(vae, objective, x: torch.Tensor, repeats: int,
-                   labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   labels: torch.Tensor | None = None,
+                   gradient: str = "pathwise") -> dict[str, torch.Tensor]:
     """R gradients of the per-datapoint loss on ``x``: ``{group: [R, P_group]}``."""
     groups = parameter_groups(vae)
     draws = {name: [] for name in groups}
-    loss_module = objective(vae.model, vae.guide)
+    loss_module = objective(*with_gradient(vae.model, vae.guide, gradient))
     for _ in range(repeats):
         vae.zero_grad(set_to_none=True)
         (loss_module(x, labels) / x.shape[0]).backward()
@@ -70,15 +158,15 @@ def gradient_draws(vae, objective, x: torch.Tensor, repeats: int,
 def compare_estimators(vae, x: torch.Tensor, objectives: Sequence[str] = ("elbo", "iwae", "dreg"),
                        particles: Sequence[int] = (1, 5, 50), repeats: int = 100,
                        timing_repeats: int = 20, alpha: float | None = None, seed: int = 0,
-                       labels: torch.Tensor | None = None, progress: bool = False) -> list[dict]:
-    """Compare ``objectives`` × ``particles`` on the minibatch ``x`` (``[batch, data_dim]``;
-    a conditional VAE also takes the batch's ``labels``).
+                       labels: torch.Tensor | None = None, progress: bool = False,
+                       temperature: float = 0.5) -> list[dict]:
+    """Compare estimators (``objective[:gradient]``, see the module docstring) × ``particles``
+    on the minibatch ``x`` (``[batch, data_dim]``; a conditional VAE also takes the batch's
+    ``labels``).
 
     Returns one row per pair with the keys of :data:`ROW_KEYS`. The model is not changed.
     """
-    for name in objectives:
-        if name not in OBJECTIVES:
-            raise ConfigError(f"unknown objective {name!r}; choose from: {', '.join(OBJECTIVES)}")
+    estimators = [parse_estimator(spec) for spec in objectives]
     for k in particles:
         if not isinstance(k, int) or k < 1:
             raise ConfigError(f"particles must be positive integers, not {k!r}")
@@ -88,32 +176,37 @@ def compare_estimators(vae, x: torch.Tensor, objectives: Sequence[str] = ("elbo"
         raise ConfigError(f"need a batch of at least 2 datapoints of dimension {vae.data_dim}")
     x = x.to(vae.device)
     labels = None if labels is None else labels.to(vae.device)
-    pairs = [(name, k) for name in objectives for k in particles]
+    pairs = [(spec, estimator, k) for spec, estimator in zip(objectives, estimators)
+             for k in particles]
     rows = []
     from tqdm.auto import tqdm
 
     with pyro.validation_enabled(False):
-        for name, k in tqdm(pairs, desc="compare estimators", disable=not progress):
+        for spec, (name, gradient), k in tqdm(pairs, desc="compare estimators",
+                                             disable=not progress):
             objective = make_objective(name, k, alpha=alpha if name == "renyi" else None)
+            model, guide = with_gradient(vae.model, vae.guide, gradient, temperature)
             pyro.set_rng_seed(seed)
             with torch.no_grad():
-                bound, _ = objective.per_datapoint_bound(vae.model, vae.guide, x, labels)
-            draws = gradient_draws(vae, objective, x, repeats, labels)
+                bound, _ = objective.per_datapoint_bound(model, guide, x, labels)
+            draws = gradient_draws(vae, objective, x, repeats, labels, gradient)
             encoder_snr, encoder_var = _snr_and_variance(draws["encoder"])
             decoder_snr, decoder_var = _snr_and_variance(draws["decoder"])
             rows.append({
-                "objective": name, "particles": k,
+                "objective": spec, "particles": k,
                 "bound": float(bound.mean()),
                 "bound_se": float(bound.std(unbiased=True) / math.sqrt(bound.shape[0])),
                 "encoder_snr": encoder_snr, "decoder_snr": decoder_snr,
                 "encoder_grad_var": encoder_var, "decoder_grad_var": decoder_var,
-                "ms_per_step": _ms_per_step(vae, objective, x, labels, timing_repeats),
+                "ms_per_step": _ms_per_step(vae, objective, x, labels, timing_repeats,
+                                            gradient),
             })
     return rows
 
 
-def _ms_per_step(vae, objective, x: torch.Tensor, labels, repeats: int) -> float:
-    loss_module = objective(vae.model, vae.guide)
+def _ms_per_step(vae, objective, x: torch.Tensor, labels, repeats: int,
+                 gradient: str = "pathwise") -> float:
+    loss_module = objective(*with_gradient(vae.model, vae.guide, gradient))
     times = []
     for i in range(repeats + 2):
         if vae.device.type == "cuda":
@@ -130,15 +223,36 @@ def _ms_per_step(vae, objective, x: torch.Tensor, labels, repeats: int) -> float
 
 def format_table(rows: Iterable[dict]) -> str:
     """A fixed-width table of comparison rows."""
-    header = (f"{'objective':<10} {'K':>5} {'bound':>10} {'± se':>7} {'enc SNR':>9} "
+    header = (f"{'estimator':<14} {'K':>5} {'bound':>10} {'± se':>7} {'enc SNR':>9} "
               f"{'dec SNR':>9} {'enc var':>10} {'dec var':>10} {'ms/step':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['objective']:<10} {r['particles']:>5} {r['bound']:>10.3f} "
+        lines.append(f"{r['objective']:<14} {r['particles']:>5} {r['bound']:>10.3f} "
                      f"{r['bound_se']:>7.3f} {r['encoder_snr']:>9.4f} {r['decoder_snr']:>9.4f} "
                      f"{r['encoder_grad_var']:>10.3e} {r['decoder_grad_var']:>10.3e} "
                      f"{r['ms_per_step']:>8.2f}")
+    ratios = variance_ratios(rows)
+    if ratios:
+        lines.append("")
+        lines.append("encoder gradient variance, score function / reparameterized:")
+        lines.extend(f"  {name} K={k}: {ratio:.3g}×" for (name, k), ratio in ratios.items())
     return "\n".join(lines)
+
+
+def variance_ratios(rows: Iterable[dict]) -> dict[tuple[str, int], float]:
+    """For each objective and K with both a ``name:score`` and a pathwise ``name`` row: the
+    encoder gradient variance of the score-function estimator over the reparameterized one."""
+    rows = list(rows)
+    pathwise = {(r["objective"], r["particles"]): r["encoder_grad_var"] for r in rows
+                if ":" not in r["objective"] or r["objective"].endswith(":pathwise")}
+    pathwise = {(name.split(":")[0], k): v for (name, k), v in pathwise.items()}
+    ratios = {}
+    for r in rows:
+        name, _, gradient = r["objective"].partition(":")
+        reference = pathwise.get((name, r["particles"]))
+        if gradient == "score" and reference:
+            ratios[(name, r["particles"])] = r["encoder_grad_var"] / reference
+    return ratios
 
 
 def comparison_figure(rows: Sequence[dict]):
