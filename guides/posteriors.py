@@ -4,19 +4,28 @@ Protocol: a guide family is an ``nn.Module`` with
 
 - ``encoder_outputs(latent_dim) -> int``: how many numbers the encoder emits per datapoint;
 - ``setup(latent_dim)``: called once by the VAE (create learned parameters here);
-- ``distribution(encoder_output)``: a reparameterizable Pyro distribution over z with
+- ``distribution(encoder_output)``: a Pyro distribution over z with
   ``event_shape == (latent_dim,)`` and the encoder output's leading dimensions as batch shape;
-- optionally ``name`` and ``options()`` as for priors.
+- optionally ``name`` and ``options()`` as for priors;
+- optionally ``has_rsample`` (default true): false when the distribution has no
+  reparameterized sampler, so gradients for φ must come from a score-function estimator;
+- optionally ``infer`` (default ``{}``): the ``infer`` dict of the guide's ``"z"`` site, e.g.
+  ``{"enumerate": "parallel"}`` to have the site summed out exactly instead of sampled.
 
 The catalogue (``POSTERIORS``):
 
-=============  ========================================================  =====================
-name           q(z|x)                                                    encoder outputs
-=============  ========================================================  =====================
-``normal``     N(μ(x), diag σ(x)²)                                       2d
-``full-rank``  N(μ(x), L(x) L(x)ᵀ), L lower triangular                   d + d(d+1)/2
-``flow``       N(μ(x), diag σ(x)²) through ``layers`` conditional IAFs   2d + ``context``
-=============  ========================================================  =====================
+=======================  ========================================================  ================
+name                     q(z|x)                                                    encoder outputs
+=======================  ========================================================  ================
+``normal``               N(μ(x), diag σ(x)²)                                       2d
+``full-rank``            N(μ(x), L(x) L(x)ᵀ), L lower triangular                   d + d(d+1)/2
+``flow``                 N(μ(x), diag σ(x)²) through ``layers`` conditional IAFs   2d + ``context``
+``categorical``          OneHotCategorical(logits(x)); ``enumerate``: summed out   d
+``relaxed-categorical``  RelaxedOneHotCategorical(``temperature``, logits(x))      d
+=======================  ========================================================  ================
+
+The ``categorical`` and ``relaxed-categorical`` guides pair with the priors of the same name
+(see ``pyro_vae.models.priors``); d is then the number of categories.
 
 Importing this module also registers the closed-form KL between a full-rank Gaussian and a
 diagonal Gaussian (``Independent(Normal, 1)``), so ``meanfield`` works for ``full-rank`` with
@@ -38,6 +47,7 @@ from torch import nn
 from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
 
 from ..errors import ConfigError
+from ..models.priors import OneHotCategorical
 
 #: Factor on the initial output weights of a flow guide's layers (near-identity start).
 INITIAL_OUTPUT_SCALE = 0.01
@@ -51,6 +61,22 @@ def _non_negative_float(what: str, value) -> float:
     if isinstance(value, bool) or not (number >= 0 and math.isfinite(number)):
         raise ConfigError(f"{what} must be a non-negative finite number, not {value!r}")
     return number
+
+
+def _positive_float(what: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a positive number, not {value!r}") from None
+    if isinstance(value, bool) or not (number > 0 and math.isfinite(number)):
+        raise ConfigError(f"{what} must be a positive finite number, not {value!r}")
+    return number
+
+
+def _boolean(what: str, value) -> bool:
+    if not isinstance(value, bool):  # a real bool: "false" or 0 would pass ``bool(value)``
+        raise ConfigError(f"{what} must be true or false, not {value!r}")
+    return value
 
 
 def _positive_int(what: str, value) -> int:
@@ -242,6 +268,75 @@ class FlowGuide(nn.Module):
                 "min_scale": self.min_scale}
 
 
+class CategoricalGuide(nn.Module):
+    """q(z|x) = OneHotCategorical(softmax(g_φ(x))) over the d = latent_dim one-hot vectors; the
+    encoder output is the logits.
+
+    z is discrete, so the family has no reparameterized sampler (``has_rsample = False``): the
+    gradient for φ comes from the score-function estimator, ∇φ E_q[f] = E_q[f ∇φ log q], whose
+    variance the objectives must reduce (baselines, control variates). With ``enumerate`` true
+    the ``"z"`` site carries ``infer = {"enumerate": "parallel"}``: enumeration-aware objectives
+    (Pyro's ``TraceEnum_ELBO``) then sum over the d values exactly,
+    ELBO(x) = Σ_c q(c|x) [log p(c) + log p(x|c) − log q(c|x)], with no sampling variance at the
+    cost of d decoder passes.
+    """
+
+    name = "categorical"
+    has_rsample = False
+
+    def __init__(self, enumerate: bool = False):
+        super().__init__()
+        self.enumerate = _boolean("categorical guide enumerate", enumerate)
+        self.infer = {"enumerate": "parallel"} if self.enumerate else {}
+
+    def encoder_outputs(self, latent_dim: int) -> int:
+        return latent_dim
+
+    def setup(self, latent_dim: int) -> None:
+        pass
+
+    def distribution(self, encoder_output: torch.Tensor) -> dist.Distribution:
+        return OneHotCategorical(logits=encoder_output)
+
+    def options(self) -> dict:
+        return {"enumerate": self.enumerate}
+
+
+class RelaxedCategoricalGuide(nn.Module):
+    """q(z|x) = RelaxedOneHotCategorical(τ, logits = g_φ(x)), the Concrete / Gumbel-softmax
+    relaxation of the ``categorical`` guide (Maddison et al. 2017; Jang et al. 2017) on the open
+    simplex, τ = ``temperature`` > 0 (default 0.5):
+    z = softmax((g_φ(x) + G) / τ), G_c i.i.d. Gumbel(0, 1).
+
+    Reparameterized, so pathwise gradients flow to the encoder. The bound it gives is that of
+    the relaxed model (pair with the ``relaxed-categorical`` prior), not of the discrete one;
+    small τ makes it closer at the price of higher gradient variance.
+
+    .. warning:: ``.mean`` has no closed form (callers fall back to sample means); at small τ
+       a coordinate of z can underflow to 0 in float32, where log q(z|x) is −∞.
+    """
+
+    name = "relaxed-categorical"
+    has_rsample = True
+
+    def __init__(self, temperature: float = 0.5):
+        super().__init__()
+        self.temperature = _positive_float("relaxed-categorical guide temperature", temperature)
+
+    def encoder_outputs(self, latent_dim: int) -> int:
+        return latent_dim
+
+    def setup(self, latent_dim: int) -> None:
+        # a tensor on the module's device: torch's log_prob needs τ as a tensor
+        self.register_buffer("temperature_tensor", torch.tensor(self.temperature))
+
+    def distribution(self, encoder_output: torch.Tensor) -> dist.Distribution:
+        return dist.RelaxedOneHotCategorical(self.temperature_tensor, logits=encoder_output)
+
+    def options(self) -> dict:
+        return {"temperature": self.temperature}
+
+
 @register_kl(MultivariateNormal, Independent)
 def _kl_mvn_diagonal_normal(q: MultivariateNormal, p: Independent) -> torch.Tensor:
     r"""KL(q ‖ p) for q = N(μ_q, Σ_q) (any covariance) and p = N(μ_p, diag s²):
@@ -270,5 +365,7 @@ POSTERIORS: dict[str, type[nn.Module]] = {
     "normal": DiagonalNormal,
     "full-rank": FullRankNormal,
     "flow": FlowGuide,
+    "categorical": CategoricalGuide,
+    "relaxed-categorical": RelaxedCategoricalGuide,
 }
 PROTOCOL = ("encoder_outputs", "setup", "distribution")

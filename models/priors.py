@@ -13,21 +13,30 @@ Protocol: a prior is an ``nn.Module`` with
 
 The catalogue (``PRIORS``):
 
-==================  ==========================================================  ===============
-name                p(z)                                                        ``meanfield``
-==================  ==========================================================  ===============
-``normal``          N(0, I)                                                     yes
-``learned-normal``  N(μ, diag σ²), μ and σ trained                              yes
-``laplace``         Π_d Laplace(0, ``scale``)                                   ``normal`` guide
-``studentt``        Π_d StudentT(``df``, 0, 1)                                  no
-``mog``             mixture of ``components`` trained diagonal Gaussians        no
-``vamp``            VampPrior: (1/K) Σ_k q(z | u_k), K = ``components``         no
-``flow``            N(0, I) pushed through ``layers`` trained coupling layers   no
-==================  ==========================================================  ===============
+=======================  =========================================================  ================
+name                     p(z)                                                       ``meanfield``
+=======================  =========================================================  ================
+``normal``               N(0, I)                                                    yes
+``learned-normal``       N(μ, diag σ²), μ and σ trained                             yes
+``laplace``              Π_d Laplace(0, ``scale``)                                  ``normal`` guide
+``studentt``             Π_d StudentT(``df``, 0, 1)                                 no
+``mog``                  mixture of ``components`` trained diagonal Gaussians       no
+``vamp``                 VampPrior: (1/K) Σ_k q(z | u_k), K = ``components``        no
+``flow``                 N(0, I) pushed through ``layers`` trained coupling layers  no
+``categorical``          one-hot z over latent_dim categories; uniform or ``learn``  ``categorical``
+``relaxed-categorical``  Concrete / Gumbel-softmax at ``temperature``, uniform      no
+=======================  =========================================================  ================
 
 The ``meanfield`` column says with which guides a closed-form KL(q‖p) exists: "yes" means the
-``normal`` and ``full-rank`` guides (not ``flow``). Elsewhere ``meanfield`` refuses; ``elbo``,
-``iwae``, ``renyi``, ``dreg`` and ``stl`` need only log p(z) and work with every prior.
+``normal`` and ``full-rank`` guides (not ``flow``); the ``categorical`` pair has torch's
+registered KL between two one-hot categoricals. Elsewhere ``meanfield`` refuses; ``elbo``,
+``iwae``, ``renyi``, ``dreg`` and ``stl`` need only log p(z) and work with every continuous
+prior.
+
+The two discrete priors pair with the guides of the same name (z must lie in the prior's
+support: one-hot vectors, or the open simplex): ``categorical`` prior, ``categorical`` guide and
+a ``linear`` decoder with a Normal likelihood make a Gaussian mixture with latent_dim clusters,
+the decoder mapping each one-hot z to its cluster mean.
 """
 
 from __future__ import annotations
@@ -59,6 +68,12 @@ def _positive_int(what: str, value) -> int:
     return int(value)
 
 
+def _boolean(what: str, value) -> bool:
+    if not isinstance(value, bool):  # a real bool: "false" or 0 would pass ``bool(value)``
+        raise ConfigError(f"{what} must be true or false, not {value!r}")
+    return value
+
+
 def _positive_float(what: str, value) -> float:
     try:
         number = float(value)
@@ -67,6 +82,21 @@ def _positive_float(what: str, value) -> float:
     if isinstance(value, bool) or not (number > 0 and math.isfinite(number)):
         raise ConfigError(f"{what} must be a positive finite number, not {value!r}")
     return number
+
+
+class OneHotCategorical(dist.OneHotCategorical):
+    """Pyro's one-hot categorical, drawing its one-hot vectors by comparison with the category
+    indices: torch's ``one_hot`` reads the largest index back to the host (a synchronisation
+    per step on a GPU). Values and log-densities are the same."""
+
+    def expand(self, batch_shape, _instance=None):
+        return super().expand(batch_shape, _instance or self._get_checked_instance(OneHotCategorical, _instance))
+
+    def sample(self, sample_shape=torch.Size()):
+        indices = self._categorical.sample(torch.Size(sample_shape))
+        probs = self._categorical.probs
+        categories = torch.arange(self._categorical._num_events, device=indices.device)
+        return (indices.unsqueeze(-1) == categories).to(probs)
 
 
 class StandardNormal(nn.Module):
@@ -349,6 +379,64 @@ class FlowPrior(nn.Module):
         return {"layers": self.layers, "hidden": self.hidden}
 
 
+class CategoricalPrior(nn.Module):
+    """p(z) = OneHotCategorical(π) over the C = latent_dim one-hot vectors, π = softmax(logits):
+    uniform (π_c = 1/C) unless ``learn`` is true, when the logits are trained (from 0).
+
+    z is discrete: pair it with the ``categorical`` guide (sampled, score-function gradients;
+    or enumerated exactly). With a ``linear`` decoder and a Normal likelihood the VAE is a
+    Gaussian mixture: p(x) = Σ_c π_c N(x; W e_c + b, σ²I).
+    """
+
+    name = "categorical"
+
+    def __init__(self, learn: bool = False):
+        super().__init__()
+        self.learn = _boolean("categorical prior learn", learn)
+
+    def setup(self, latent_dim: int) -> None:
+        logits = torch.zeros(latent_dim)
+        if self.learn:
+            self.logits = nn.Parameter(logits)
+        else:
+            self.register_buffer("logits", logits)
+
+    def distribution(self) -> dist.Distribution:
+        return OneHotCategorical(logits=self.logits)
+
+    def options(self) -> dict:
+        return {"learn": self.learn}
+
+
+class RelaxedCategoricalPrior(nn.Module):
+    """p(z) = RelaxedOneHotCategorical(τ, uniform logits), the Concrete / Gumbel-softmax
+    distribution on the open simplex of latent_dim categories (Maddison et al. 2017; Jang et al.
+    2017), τ = ``temperature`` > 0 (default 0.5). As τ → 0 its samples approach the one-hot
+    vectors of the uniform ``categorical`` prior.
+
+    .. warning:: the density is over the simplex, so it pairs with the ``relaxed-categorical``
+       guide only, and at small τ a coordinate of z can underflow to 0 in float32, where
+       log p(z) is −∞.
+    """
+
+    name = "relaxed-categorical"
+
+    def __init__(self, temperature: float = 0.5):
+        super().__init__()
+        self.temperature = _positive_float("relaxed-categorical prior temperature", temperature)
+
+    def setup(self, latent_dim: int) -> None:
+        self.register_buffer("logits", torch.zeros(latent_dim))
+        # a tensor on the module's device: torch's log_prob needs τ as a tensor
+        self.register_buffer("temperature_tensor", torch.tensor(self.temperature))
+
+    def distribution(self) -> dist.Distribution:
+        return dist.RelaxedOneHotCategorical(self.temperature_tensor, logits=self.logits)
+
+    def options(self) -> dict:
+        return {"temperature": self.temperature}
+
+
 PRIORS: dict[str, type[nn.Module]] = {
     "normal": StandardNormal,
     "learned-normal": LearnedNormal,
@@ -357,5 +445,7 @@ PRIORS: dict[str, type[nn.Module]] = {
     "mog": MixtureOfGaussians,
     "vamp": VampPrior,
     "flow": FlowPrior,
+    "categorical": CategoricalPrior,
+    "relaxed-categorical": RelaxedCategoricalPrior,
 }
 PROTOCOL = ("setup", "distribution")

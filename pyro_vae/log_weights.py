@@ -537,7 +537,10 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
 
     if has_particle_dim:
         plate_type = _LocalParticlePlate if shared else PlateMessenger
-        particle_plate = plate_type(name=PARTICLE_PLATE, size=particles, dim=-(nesting + 1))
+        # on the data's device, so the plate does not make a tensor to find it (an upload)
+        device = next((a.device for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
+        particle_plate = plate_type(name=PARTICLE_PLATE, size=particles, dim=-(nesting + 1),
+                                    device=device)
     else:
         particle_plate = None
 

@@ -37,6 +37,14 @@ from .registry import describe, resolve
 _instance_ids = itertools.count()
 
 
+def _latent_space(distribution) -> str:
+    support = distribution.support
+    while hasattr(support, "base_constraint"):
+        support = support.base_constraint
+    return {"_OneHot": "one-hot vectors", "_Simplex": "the simplex"}.get(
+        type(support).__name__, "real vectors")
+
+
 class VAE(nn.Module):
     """A variational autoencoder as a Pyro model/guide pair.
 
@@ -112,9 +120,27 @@ class VAE(nn.Module):
                     raise ConfigError(f"{describe(component)['name']!r} is built from the "
                                       "encoder and cannot be combined with a conditional VAE")
                 component.bind(self)
+        self._check_latent_spaces()
         # Names under which model/guide register with Pyro's param store; unique per instance
         # so two VAEs never share (or silently swap) parameters through the global store.
         self._pyro_name = f"vae{next(_instance_ids)}"
+
+    def _check_latent_spaces(self) -> None:
+        """The prior and the guide family must put z in the same space (a one-hot categorical
+        prior with a Gaussian guide cannot be scored); refused here, in one line, rather than
+        at the first step with an error that seems to blame the data."""
+        try:
+            with torch.no_grad():
+                prior = self.prior.distribution()
+                outputs = self.guide_family.encoder_outputs(self.latent_dim)
+                guide = self.guide_family.distribution(torch.zeros(1, outputs))
+        except Exception:  # a component that cannot be probed this way is checked at scoring
+            return
+        spaces = (_latent_space(prior), _latent_space(guide))
+        if spaces[0] != spaces[1]:
+            prior_name, guide_name = (describe(c)["name"] for c in (self.prior, self.guide_family))
+            raise ConfigError(f"prior {prior_name!r} puts z in {spaces[0]} and guide "
+                              f"{guide_name!r} in {spaces[1]}; choose a matching pair")
 
     # -- configuration -----------------------------------------------------------------------
     @property
@@ -191,13 +217,15 @@ class VAE(nn.Module):
     # -- the Pyro programs ---------------------------------------------------------------------
     def _data_plate(self, x: torch.Tensor, num_data: int | None) -> pyro.plate:
         batch = x.shape[0]
+        # the device given, so the plate does not make a tensor to find it (an upload per step)
         if num_data is None or num_data == batch:
-            return pyro.plate("data", batch, dim=-1)
+            return pyro.plate("data", batch, dim=-1, device=x.device)
         if num_data < batch:
             raise ConfigError(f"num_data ({num_data}) is smaller than the batch ({batch})")
         # A minibatch of `batch` from `num_data`: Pyro scales every site in the plate by
         # num_data / batch, so the loss estimates the whole data set's.
-        return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device), dim=-1)
+        return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device), dim=-1,
+                          device=x.device)
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None,
               num_data: int | None = None) -> torch.Tensor:

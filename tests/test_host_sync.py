@@ -79,11 +79,17 @@ def _step_reads(vae: VAE, objective: str, x: torch.Tensor, y=None) -> dict:
     return dict(probe.counts)
 
 
-COMBINATIONS = [(prior, guide, objective) for prior in PRIORS for guide in ("normal", "full-rank",
-                                                                            "flow")
+DISCRETE = ("categorical", "relaxed-categorical")
+COMBINATIONS = [(prior, guide, objective) for prior in PRIORS if prior not in DISCRETE
+                for guide in ("normal", "full-rank", "flow")
                 for objective in OBJECTIVES
                 if not (objective == "meanfield" and (guide == "flow" or prior not in
                                                       ("normal", "learned-normal")))]
+# the discrete latent spaces (traced path): score-function gradients, and the relaxation
+COMBINATIONS += [("categorical", "categorical", objective)
+                 for objective in ("elbo", "iwae", "renyi", "vimco")]
+COMBINATIONS += [("relaxed-categorical", "relaxed-categorical", objective)
+                 for objective in ("elbo", "iwae", "renyi", "dreg", "stl", "vimco")]
 
 
 @pytest.mark.parametrize("prior,guide,objective", COMBINATIONS)
