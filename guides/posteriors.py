@@ -47,7 +47,7 @@ from torch import nn
 from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
 
 from ..errors import ConfigError
-from ..models.priors import OneHotCategorical
+from ..models.priors import OneHotCategorical, RelaxedOneHotCategorical
 
 #: Factor on the initial output weights of a flow guide's layers (near-identity start).
 INITIAL_OUTPUT_SCALE = 0.01
@@ -331,7 +331,7 @@ class RelaxedCategoricalGuide(nn.Module):
         self.register_buffer("temperature_tensor", torch.tensor(self.temperature))
 
     def distribution(self, encoder_output: torch.Tensor) -> dist.Distribution:
-        return dist.RelaxedOneHotCategorical(self.temperature_tensor, logits=encoder_output)
+        return RelaxedOneHotCategorical(self.temperature_tensor, logits=encoder_output)
 
     def options(self) -> dict:
         return {"temperature": self.temperature}

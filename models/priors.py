@@ -99,6 +99,24 @@ class OneHotCategorical(dist.OneHotCategorical):
         return (indices.unsqueeze(-1) == categories).to(probs)
 
 
+class RelaxedOneHotCategorical(dist.RelaxedOneHotCategorical):
+    """Pyro's Concrete / Gumbel-softmax distribution, its draws kept off the simplex's faces:
+    a coordinate below the smallest normal float is raised to it. In float32 a coordinate
+    underflows to exactly 0 once its log-space value falls below about −87 (frequent at small
+    temperatures), where the density, log z and every gradient through them are −∞ or NaN."""
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(RelaxedOneHotCategorical, _instance)
+        return super().expand(batch_shape, _instance=new)
+
+    def rsample(self, sample_shape=torch.Size()):
+        z = super().rsample(sample_shape)
+        return z.clamp(min=torch.finfo(z.dtype).tiny)
+
+    def log_prob(self, value):
+        return super().log_prob(value.clamp(min=torch.finfo(value.dtype).tiny))
+
+
 class StandardNormal(nn.Module):
     """p(z) = N(0, I), the prior of Kingma & Welling (2014)."""
 
@@ -431,7 +449,7 @@ class RelaxedCategoricalPrior(nn.Module):
         self.register_buffer("temperature_tensor", torch.tensor(self.temperature))
 
     def distribution(self) -> dist.Distribution:
-        return dist.RelaxedOneHotCategorical(self.temperature_tensor, logits=self.logits)
+        return RelaxedOneHotCategorical(self.temperature_tensor, logits=self.logits)
 
     def options(self) -> dict:
         return {"temperature": self.temperature}
