@@ -65,7 +65,7 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 from pyro.util import check_model_guide_match
 
-from .errors import ConfigError
+from .errors import ConfigError, PyroVAEError
 
 DATA_PLATE = "data"
 #: the name of the internal particle plate (a user plate named "particles" is left alone)
@@ -138,6 +138,12 @@ class LogWeights:
         self.enum_log_q = enum_log_q
         #: latent sites of the model that the guide does not sample (drawn from the prior)
         self.model_only = [] if model_only is None else model_only
+        #: ``pyro.factor`` terms of the guide (local ``[particles, batch]``, global), or None
+        self.guide_factors: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        #: latent model sites whose density depends on a model-side enumerated site
+        self.enum_dependent_latents: list[str] = []
+        #: the latent sites in the order the model and the guide sample them
+        self.site_order: tuple[list[str], list[str]] = ([], [])
 
     def _resolved(self, term):
         if not callable(term):
@@ -243,10 +249,9 @@ def program_structure(model: Callable, guide: Callable, *args, **kwargs) -> Prog
             for frame in site["cond_indep_stack"]:
                 if frame.name == PARTICLE_PLATE:
                     continue
-                if frame.name == DATA_PLATE:
-                    if frame.dim is None:
-                        raise ConfigError(f"site {name!r}: plate 'data' is used as a sequential "
-                                          "(for-loop) plate; use it as a vectorized `with` block")
+                if frame.name == DATA_PLATE and frame.dim is not None:
+                    # a sequential (for-loop) plate "data" gives no datapoint dimension: the
+                    # program is then one weight for everything
                     has_data = True
                 if frame.dim is not None:
                     nesting = max(nesting, -frame.dim)
@@ -281,37 +286,48 @@ class _Layout:
     nested in "data" summed), a global one to ``[*enum, K]``.
     """
 
-    def __init__(self, nesting: int, particles: int, has_particle_dim: bool, has_data_plate: bool):
+    def __init__(self, nesting: int, particles: int, has_particle_dim: bool, has_data_plate: bool,
+                 additive: bool = False):
         self.nesting = nesting
+        self.additive = additive
         self.particles = particles
         self.has_particle_dim = has_particle_dim
         self.has_data_plate = has_data_plate
         self.right = nesting + (1 if has_particle_dim else 0)  # dims that are not enumeration
 
     def data_frame(self, site):
+        if not self.has_data_plate:
+            return None
         for frame in site["cond_indep_stack"]:
-            if frame.name == DATA_PLATE:
+            if frame.name == DATA_PLATE and frame.dim is not None:
                 return frame
         return None
 
     def check(self, name: str, site: dict, term: torch.Tensor, enum_dims: set[int],
               shared_globals: bool) -> None:
         """Every dimension of a log-density is declared: a plate, the particles, or an
-        enumerated value. Anything else would be summed silently into a wrong number."""
+        enumerated value. Anything else would be summed silently into a wrong number.
+
+        For an objective additive in the log-weights (the ELBO family, or any objective at
+        K = 1) Pyro's own rules apply, as ``Trace_ELBO`` sums: a plate other than "data" may
+        subsample (its scale stays on the site) and undeclared dims inside the plates are summed.
+        """
         declared = {f.dim for f in site["cond_indep_stack"] if f.dim is not None}
+        data = self.data_frame(site)
         for frame in site["cond_indep_stack"]:
-            if (frame.name != DATA_PLATE and frame.full_size is not None
-                    and frame.full_size != frame.size):
+            if (frame is not data and frame.full_size is not None
+                    and frame.full_size != frame.size and not self.additive):
                 raise ConfigError(
                     f"site {name!r}: plate {frame.name!r} subsamples ({frame.size} of "
-                    f"{frame.full_size}); only the datapoint plate 'data' may subsample")
+                    f"{frame.full_size}); only the vectorized datapoint plate 'data' may "
+                    "subsample under a multi-particle bound (elbo and meanfield allow it)")
         for position in range(1, term.dim() + 1):
             size = term.shape[-position]
             if size == 1:
                 continue
             dim = -position
             if position <= self.nesting:
-                if dim not in declared:
+                if dim not in declared and not self.additive:
                     raise ConfigError(
                         f"site {name!r}: its log-density has a batch dimension of size {size} at "
                         f"dim {dim} that no enclosing plate declares")
@@ -341,6 +357,8 @@ class _Layout:
             term = term.unsqueeze(-1)
         if not self.has_particle_dim:
             term = term.unsqueeze(-2 if local else -1)
+        if not local:  # leading dims left by a summed-out enumeration are of size one
+            term = term.reshape(term.shape[-1:])
         return term
 
 
@@ -489,6 +507,7 @@ def _vae_log_weights(vae, particles: int, stop_guide_gradient: bool, x: torch.Te
 # -- the general traced path ----------------------------------------------------------------------
 def log_weights(model: Callable, guide: Callable, *args, particles: int = 1,
                 stop_guide_gradient: bool = False, shared_globals: bool = True,
+                additive: bool | None = None,
                 structure: ProgramStructure | Callable[[], ProgramStructure] | None = None,
                 **kwargs) -> LogWeights:
     """Trace ``guide`` and replay ``model`` against it with ``particles`` vectorized particles.
@@ -502,6 +521,10 @@ def log_weights(model: Callable, guide: Callable, *args, particles: int = 1,
     :param shared_globals: draw the global latents once and share them across the K local
         particles (the hierarchical bound; for objectives non-linear in the particles). With
         ``False`` every site gets the particle dimension (``Trace_ELBO``'s vectorized particles).
+    :param additive: the weights will be averaged over the particles, not log-mean-exp'ed (the
+        ELBO family; any objective at K = 1): Pyro's own rules then hold everywhere (a plate
+        other than "data" may subsample, undeclared dims inside the plates are summed). Default:
+        ``particles == 1``.
     :param stop_guide_gradient: score the guide a second time at the same values with every
         guide parameter stopped (module parameters, ``pyro.param``, ``PyroParam``), so
         log q(z|x) keeps only the path gradient through z(φ, ε): the gradient used by STL and
@@ -523,16 +546,23 @@ def log_weights(model: Callable, guide: Callable, *args, particles: int = 1,
         structure = program_structure(model, guide, *args, **kwargs)
     elif callable(structure):
         structure = structure()
-    return _traced_log_weights(model, guide, args, kwargs, particles, stop_guide_gradient,
-                               shared_globals, structure)
+    if additive is None:
+        additive = particles == 1
+    try:
+        return _traced_log_weights(model, guide, args, kwargs, particles, stop_guide_gradient,
+                                   shared_globals, structure, additive)
+    except PyroVAEError as error:
+        # raised inside a traced program, Pyro appends its table of trace shapes: one line
+        raise type(error)(str(error).splitlines()[0]) from None
 
 
 def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_gradient: bool,
-                        shared_globals: bool, structure: ProgramStructure) -> LogWeights:
+                        shared_globals: bool, structure: ProgramStructure,
+                        additive: bool) -> LogWeights:
     nesting, has_data = structure
     has_particle_dim = particles > 1
     shared = shared_globals and has_data and has_particle_dim
-    layout = _Layout(nesting, particles, has_particle_dim, has_data)
+    layout = _Layout(nesting, particles, has_particle_dim, has_data, additive or not has_particle_dim)
     first_enum_dim = -(layout.right + 1)
 
     if has_particle_dim:
@@ -575,7 +605,7 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
                               "dimension with a plate") from None
         raise
     if is_validation_enabled():
-        check_model_guide_match(model_trace, guide_trace)
+        check_model_guide_match(model_trace, guide_trace, layout.right)
     _check_enumeration(guide_trace, "guide")
     _check_enumeration(model_trace, "model")
     stopped = {}
@@ -605,7 +635,14 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
     def term_of(name, site, which):
         unscaled = stopped.get(name) if which == "guide" else None
         if unscaled is None:
-            unscaled = site["fn"].log_prob(site["value"])
+            try:
+                unscaled = site["fn"].log_prob(site["value"])
+            except ValueError as error:
+                if "broadcastable" not in str(error):
+                    raise
+                raise ConfigError(f"{which} site {name!r}: its value does not broadcast with its "
+                                  "distribution; a batch dimension that no plate declares "
+                                  "collides with an enumerated or particle dimension") from None
             layout.check(name, site, unscaled, enum_dims, shared)
         scale = site["scale"]
         if is_local(site) and data_scale != 1.0:
@@ -614,14 +651,15 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
             if not (isinstance(scale, (int, float)) and scale == 1.0):
                 raise ConfigError(f"{which} site {name!r}: a scale on a site that depends on an "
                                   "enumerated site is not supported")
-            _check_enumerated_plates(name, site)
         return _scale_and_mask(unscaled, scale, site["mask"])
 
-    local = {"likelihood": [], "prior": [], "guide": [], "marginal": [], "enum_q": [],
-             "score": []}
-    glob = {"likelihood": [], "prior": [], "guide": [], "score": []}
+    local = {"likelihood": [], "prior": [], "guide": [], "enum_q": [], "score": [],
+             "guide_factor": []}
+    glob = {"likelihood": [], "prior": [], "guide": [], "score": [], "guide_factor": []}
     sites: dict[str, LatentSite] = {}
     reference = None
+    marginal = _Marginal(model_enum_dims, layout)
+    enum_dependent_latents = []
 
     def add(bucket, site, term):
         nonlocal reference
@@ -633,27 +671,39 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
         if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
             continue
         term = term_of(name, site, "model")
-        if is_local(site):
-            key = ("marginal" if _depends_on(term, model_enum_dims)
-                   else "likelihood" if site["is_observed"] else "prior")
-            add(local[key], site, term)
-        else:
-            if _depends_on(term, enum_dims):
-                raise ConfigError(f"model site {name!r} outside plate 'data' depends on an "
-                                  "enumerated site; only sites inside plate 'data' may")
-            add(glob["likelihood" if site["is_observed"] else "prior"], site, term)
+        if _depends_on(term, model_enum_dims):
+            marginal.add(name, site, term)
+            if not site["is_observed"] and site["infer"].get("_enumerate_dim") is None:
+                enum_dependent_latents.append(name)
+            continue
+        bucket = local if is_local(site) else glob
+        add(bucket["likelihood" if site["is_observed"] else "prior"], site, term)
+    if marginal.terms:
+        # model-side enumerated values summed out: log Σ_c p(c, everything that depends on c)
+        site, term = marginal.summed_out()
+        if shared and not is_local(site):
+            raise ConfigError(f"model site {site['name']!r} is enumerated outside plate 'data': "
+                              "under a multi-particle bound the local particles would share it "
+                              "(use elbo or meanfield, or K = 1)")
+        add((local if is_local(site) else glob)["likelihood"], site, term)
     for name, site in guide_trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
             continue
         term = term_of(name, site, "guide")
+        if _depends_on(term, guide_enum_dims):
+            _check_guide_enumeration(name, site, layout)
         bucket = local if is_local(site) else glob
         add(bucket["guide"], site, term)
         if site["is_observed"]:
+            add(bucket["guide_factor"], site, term)
+            if site["fn"].__dict__.get("has_rsample", True) is False:
+                # a factor standing for a non-reparameterized draw: its score-function factor
+                if stop_guide_gradient:
+                    raise ConfigError(f"guide factor {name!r} has has_rsample=False; stl and "
+                                      "dreg need pathwise gradients")
+                add(bucket["score"], site, site["fn"].log_prob(site["value"]))
             continue
         if site["infer"].get("_enumerate_dim") is not None:
-            if not is_local(site):
-                raise ConfigError(f"guide site {name!r}: an enumerated guide site must be inside "
-                                  "plate 'data'")
             add(local["enum_q"], site, term)
         elif not site["fn"].has_rsample:
             if stop_guide_gradient:
@@ -668,19 +718,14 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
                                      weigh=_weigher(site, layout, is_local(site),
                                                     data_dim_of(site), data_scale),
                                      spread=_spreader(site, layout, data_dim_of(site)))
-    if reference is None:
-        raise ConfigError("the model and guide have no sample sites to score")
+    if reference is None:  # nothing to score: a bound of zero, as Trace_ELBO gives
+        reference = torch.zeros((), device=layout_device(args, kwargs))
     if local["enum_q"] and (local["score"] or glob["score"]):
         raise ConfigError("a guide with both enumerated and score-function sites is not "
                           "supported; enumerate every discrete guide site or none")
 
     local_shape = (particles, batch)
     likelihood = _summed(local["likelihood"])
-    marginal = _summed(local["marginal"])
-    if marginal is not None:
-        # model-side enumerated values summed out of each weight: log Σ_c p(x, c, z)
-        marginal = _sum_out(marginal, model_enum_dims, layout)
-        likelihood = marginal if likelihood is None else likelihood + marginal
     leading = len(guide_enum_dims)
 
     def aligned(term):
@@ -704,20 +749,78 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
         score_local = score_local.expand(local_shape)
 
     global_terms = score_global = None
+    width = 1 if shared else particles
     if any(glob[k] for k in ("likelihood", "prior", "guide")):
-        width = 1 if shared else particles
         global_terms = tuple(
             (_summed(glob[k]) if glob[k] else reference.new_zeros((1,))).expand(width)
             for k in ("likelihood", "prior", "guide"))
         if glob["score"]:
             score_global = _summed(glob["score"]).expand(width)
+    guide_factors = (_summed(local["guide_factor"]), _summed(glob["guide_factor"]))
+    guide_factors = (None if guide_factors[0] is None else guide_factors[0].expand(local_shape),
+                     None if guide_factors[1] is None else guide_factors[1].expand(width))
+    model_latents = [name for name, site in model_trace.nodes.items()
+                     if site["type"] == "sample" and name in guide_trace.nodes]
+    guide_latents = [name for name, site in guide_trace.nodes.items()
+                     if site["type"] == "sample" and name in model_trace.nodes]
     model_only = [name for name, site in model_trace.nodes.items()
                   if site["type"] == "sample" and not site["is_observed"]
                   and not site_is_subsample(site) and name not in guide_trace.nodes
                   and site["infer"].get("_enumerate_dim") is None]
-    return LogWeights(*terms, data_scale, sites, global_terms=global_terms,
-                      score_local=score_local, score_global=score_global, enum_log_q=enum_q,
-                      model_only=model_only)
+    weights = LogWeights(*terms, data_scale, sites, global_terms=global_terms,
+                         score_local=score_local, score_global=score_global, enum_log_q=enum_q,
+                         model_only=model_only)
+    weights.guide_factors = guide_factors
+    weights.enum_dependent_latents = enum_dependent_latents
+    weights.site_order = (model_latents, guide_latents)
+    return weights
+
+
+def layout_device(args, kwargs) -> torch.device:
+    return next((a.device for a in (*args, *kwargs.values()) if torch.is_tensor(a)),
+                torch.device("cpu"))
+
+
+class _Marginal:
+    """The model-side enumerated sites and every term that depends on them, summed out:
+    log Σ_c exp(Σ terms). The enumerated sites must share one plate context (ordinal), and every
+    dependent term's plates must contain it: the plates nested further are summed inside the
+    sum over c (a mixture of products), the shared ones outside it (a product of mixtures)."""
+
+    def __init__(self, enum_dims: set[int], layout: _Layout):
+        self.enum_dims = enum_dims
+        self.layout = layout
+        self.terms: list[tuple[str, dict, torch.Tensor]] = []
+
+    @staticmethod
+    def _frames(site) -> frozenset:
+        return frozenset((f.name, f.dim) for f in site["cond_indep_stack"]
+                         if f.name != PARTICLE_PLATE and f.dim is not None)
+
+    def add(self, name, site, term) -> None:
+        self.terms.append((name, site, term))
+
+    def summed_out(self):
+        enumerated = [(n, s) for n, s, _ in self.terms if s["infer"].get("_enumerate_dim") is not None]
+        outer = {self._frames(s) for _, s in enumerated}
+        if len(outer) != 1:
+            raise ConfigError(f"enumerated sites {', '.join(repr(n) for n, _ in enumerated)} sit "
+                              "in different plates; enumeration is supported for sites sharing "
+                              "one plate context")
+        outer = outer.pop()
+        owner = enumerated[0][1]
+        total = None
+        for name, site, term in self.terms:
+            frames = self._frames(site)
+            if not outer <= frames:
+                raise ConfigError(f"site {name!r} depends on an enumerated site but lies outside "
+                                  f"its plates {sorted(n for n, _ in outer)}; not supported")
+            inner = sorted(d for _, d in frames - outer)
+            if inner:  # plates nested in the enumerated site's: a product inside the mixture
+                term = term.sum(inner, keepdim=True)
+            total = term if total is None else total + term
+        dims = sorted(d for d in self.enum_dims if -d <= total.dim())
+        return owner, torch.logsumexp(total, dim=dims, keepdim=True)
 
 
 def _summed(terms: list[torch.Tensor]) -> torch.Tensor | None:
@@ -733,23 +836,17 @@ def _depends_on(term: torch.Tensor, dims: set[int]) -> bool:
     return any(-d <= term.dim() and term.shape[d] > 1 for d in dims)
 
 
-def _check_enumerated_plates(name, site) -> None:
-    allowed = {DATA_PLATE, PARTICLE_PLATE}
-    extra = [f.name for f in site["cond_indep_stack"] if f.name not in allowed]
+def _check_guide_enumeration(name, site, layout: _Layout) -> None:
+    """A guide site enumerated (or depending on one) is summed per datapoint: it must sit in
+    plate "data" (or, without one, in no plate); plates nested below are summed inside."""
+    if site["infer"].get("_enumerate_dim") is None:
+        return
+    extra = [f.name for f in site["cond_indep_stack"]
+             if f.name != PARTICLE_PLATE and f is not layout.data_frame(site)]
     if extra:
-        raise ConfigError(f"site {name!r} depends on an enumerated site inside plate "
-                          f"{extra[0]!r}; enumeration is supported directly in plate 'data' "
-                          "(or in a program without plates)")
-
-
-def _sum_out(term: torch.Tensor, dims: set[int], layout: _Layout) -> torch.Tensor:
-    """log Σ over the enumerated values at ``dims`` (negative, counted on the raw layout)."""
-    # a folded local term has 2 rightmost dims (K, batch) in place of layout.right raw dims
-    shift = layout.right - 2
-    folded = sorted(d + shift for d in dims if -(d + shift) <= term.dim())
-    if folded:
-        term = torch.logsumexp(term, dim=folded, keepdim=True)
-    return term
+        raise ConfigError(f"guide site {name!r} is enumerated inside plate {extra[0]!r}; a guide "
+                          "site can be enumerated directly in plate 'data' (or outside any "
+                          "plate in a program without one)")
 
 
 def _weigher(site, layout: _Layout, local: bool, data_dim, data_scale):
@@ -816,10 +913,10 @@ def _spreader(site, layout: _Layout, data_dim):
     batch_dims = site["value"].dim() - event_dim
 
     def spread(term: torch.Tensor) -> torch.Tensor:
-        shape = [1] * max(batch_dims, layout.right)
-        if layout.has_particle_dim:
+        shape = [1] * batch_dims  # the value's own batch dims: a hook must keep its shape
+        if layout.has_particle_dim and layout.nesting + 1 <= batch_dims:
             shape[-(layout.nesting + 1)] = term.shape[0]
-        if data_dim is not None:
+        if data_dim is not None and -data_dim <= batch_dims:
             shape[data_dim] = term.shape[1]
         return term.reshape(shape + [1] * event_dim)
 

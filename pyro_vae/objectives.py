@@ -135,6 +135,7 @@ class CoreObjective(ELBO):
         shared = not self.linear and self.num_particles > 1
         return log_weights(model, guide, *args, particles=self.num_particles,
                            stop_guide_gradient=self.stop_guide_gradient, shared_globals=shared,
+                           additive=not shared,
                            structure=lambda: self._structure(model, guide, args, kwargs),
                            **kwargs)
 
@@ -157,12 +158,13 @@ class CoreObjective(ELBO):
         return -bound
 
     def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+        # not under no_grad: a guide may differentiate inside itself (Pyro's loss allows it)
+        return self.differentiable_loss(model, guide, *args, **kwargs).detach().item()
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
+        if loss.requires_grad:  # a program with nothing to train (no site, no parameter)
+            loss.backward()
         return loss.item()
 
     # -- global terms and score-function terms --------------------------------------------------
@@ -287,7 +289,10 @@ class MeanFieldELBO(CoreObjective, TraceMeanField_ELBO):
 
     def _kl(self, site_name: str, site) -> torch.Tensor:
         try:
-            return kl_divergence(site.guide, site.prior)
+            kl = kl_divergence(site.guide, site.prior)
+            if not torch.is_tensor(kl):  # e.g. two fully masked distributions: a number
+                kl = site.value.new_full(site.guide.batch_shape, float(kl))
+            return kl
         except NotImplementedError:
             raise ConfigError(
                 f"objective 'meanfield' needs a closed-form KL for site {site_name!r}, and none "
@@ -313,19 +318,25 @@ class MeanFieldELBO(CoreObjective, TraceMeanField_ELBO):
         for name, site in weights.sites.items():
             if site.local:
                 kl = kl + site.weigh(self._kl(name, site)).mean(0)
+        factor = weights.guide_factors[0]  # a guide's pyro.factor is part of log q, as in Trace_ELBO
+        if factor is not None:
+            reconstruction = reconstruction - self.beta * factor.mean(0)
         return reconstruction - self.beta * kl
 
     def global_surrogate(self, weights: LogWeights) -> torch.Tensor | None:
-        if weights.global_terms is None:
+        factor = weights.guide_factors[1]
+        if weights.global_terms is None and factor is None:
             return None
         kl = 0.0
         for name, site in weights.sites.items():
             if not site.local:
                 kl = kl + site.weigh(self._kl(name, site)).mean()
-        return weights.global_terms[0].mean() - self.beta * kl
+        likelihood = 0.0 if weights.global_terms is None else weights.global_terms[0].mean()
+        if factor is not None:
+            kl = kl + factor.mean()
+        return likelihood - self.beta * kl
 
     def _check_supported(self, weights: LogWeights) -> None:
-        super()._check_supported(weights)
         if weights.model_only:
             raise ConfigError(f"objective 'meanfield' needs a guide site for every latent site "
                               f"of the model; {weights.model_only[0]!r} has none (use 'elbo')")
@@ -333,6 +344,17 @@ class MeanFieldELBO(CoreObjective, TraceMeanField_ELBO):
             if not site.guide.has_rsample:
                 raise ConfigError(f"objective 'meanfield' needs reparameterized guide sites; "
                                   f"site {name!r} is not (use 'elbo')")
+        if weights.enum_dependent_latents:
+            raise ConfigError(f"objective 'meanfield': the prior of site "
+                              f"{weights.enum_dependent_latents[0]!r} depends on an enumerated "
+                              "site, so no closed-form KL applies (use 'elbo')")
+        model_order, guide_order = weights.site_order
+        if model_order != guide_order:
+            raise ConfigError(
+                "objective 'meanfield' needs the guide to sample the latent sites in the model's "
+                f"order (model: {', '.join(model_order)}; guide: {', '.join(guide_order)}): the "
+                "per-site closed-form KLs assume the mean-field factorization (use 'elbo')")
+        super()._check_supported(weights)
 
 
 class IWAE(CoreObjective):
