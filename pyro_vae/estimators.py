@@ -40,6 +40,7 @@ from pyro.infer import config_enumerate
 from pyro.poutine.messenger import Messenger
 
 from .errors import ConfigError
+from .models.priors import RelaxedOneHotCategorical
 from .objectives import OBJECTIVES, make_objective
 
 GRADIENTS = ("pathwise", "score", "enum", "relaxed")
@@ -85,7 +86,7 @@ class _Relaxed(Messenger):
         if not msg["is_observed"] and isinstance(fn, dist.OneHotCategorical):
             temperature = torch.full((), self.temperature, dtype=fn.logits.dtype,
                                      device=fn.logits.device)
-            msg["fn"] = dist.RelaxedOneHotCategorical(temperature, logits=fn.logits)
+            msg["fn"] = RelaxedOneHotCategorical(temperature, logits=fn.logits)
 
 
 def parse_estimator(spec: str) -> tuple[str, str]:
