@@ -166,8 +166,10 @@ def dry_run(vae, objective, dataset: Dataset) -> None:
     x = dataset.train[:2].to(vae.device)
     y = labels_for(vae, dataset, "train")
     y = None if y is None else y[:2].to(vae.device)
+    # its warnings (Pyro's model/guide checks) come from the validated first step, once
     with _refusals("the model cannot be scored on the data"), torch.no_grad(), \
-            pyro.validation_enabled(True):
+            pyro.validation_enabled(True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         objective.differentiable_loss(vae.model, vae.guide, x, y)
 
 
