@@ -168,7 +168,7 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
             lse_w = torch.logaddexp(lse_w, torch.logsumexp(log_w, 0))
             lse_2w = torch.logaddexp(lse_2w, torch.logsumexp(2 * log_w, 0))
             # the ELBO's integrand: log w itself, or its average over enumerated guide values
-            sum_w += (log_w if weights.enum_log_q is None else weights.expected_total()).sum(0)
+            sum_w += (weights.expected_total() if weights.has_guide_enumeration else log_w).sum(0)
             sum_rec += weights.log_likelihood.sum(0)
             if weights.latents is not None:
                 mean_latents += weights.latents.sum(0) / particles

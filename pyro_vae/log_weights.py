@@ -96,6 +96,38 @@ class LatentSite:
         return term.reshape(term.shape + (1,) * (self.value.dim() - 2))
 
 
+class EnumeratedComponent:
+    """Guide sites enumerated together (``infer={"enumerate": "parallel"}``) and every term
+    that depends on them, in the enumerated sites' plate context; plates nested further are
+    already summed inside. Per element of the context (a datapoint, or a plate element) the
+    enumerated values c are summed out of the importance weight,
+    log Σ_c q(c) w(c) = logsumexp_c [log q(c) + L(c) + β (P(c) − Q(c))], and averaged in the
+    ELBO, Σ_c q(c) [L(c) + β (P(c) − Q(c))]; then the context's plates are summed, leaving
+    ``[particles, batch]`` (local) or ``[particles]`` (global).
+
+    ``likelihood`` L, ``prior`` P, ``guide`` Q (Q includes log q(c)) and ``log_q`` = log q(c)
+    are raw log-density tensors whose enumeration dims are ``dims``; ``fold`` maps a tensor
+    reduced over them to its final shape."""
+
+    def __init__(self, likelihood, prior, guide, log_q, dims, fold):
+        self.likelihood, self.prior, self.guide, self.log_q = likelihood, prior, guide, log_q
+        self.dims, self.fold = sorted(dims), fold
+
+    def _joint(self, beta: float) -> torch.Tensor:
+        latent = self.prior - self.guide
+        return self.likelihood + (latent if beta == 1.0 else beta * latent)
+
+    def total(self, beta: float = 1.0) -> torch.Tensor:
+        return self.fold(torch.logsumexp(self.log_q + self._joint(beta), self.dims, keepdim=True))
+
+    def expected(self, term: torch.Tensor) -> torch.Tensor:
+        term = torch.broadcast_tensors(term, self.log_q)[0]
+        return self.fold((self.log_q.exp() * term).sum(self.dims, keepdim=True))
+
+    def expected_total(self, beta: float = 1.0) -> torch.Tensor:
+        return self.expected(self._joint(beta))
+
+
 class LogWeights:
     """Per-datapoint log-density terms of K particles, each of shape ``[particles, batch]``.
 
@@ -105,15 +137,15 @@ class LogWeights:
     stopped and only the path through z carries gradient); ``sites``: the latent sites by name;
     ``scale``: num_data / batch, the factor that turns a minibatch sum into a data-set estimate.
 
-    Global terms (sites outside plate ``"data"``) are ``global_log_likelihood``,
-    ``global_log_prior`` and ``global_log_guide``, of shape ``[particles]`` (drawn per
-    particle) or ``[1]`` (drawn once and shared by the particles); ``None`` when there are none.
+    Global terms (sites outside plate ``"data"``) are ``global_terms`` = (likelihood, prior,
+    guide), each of shape ``[particles]`` (drawn per particle) or ``[1]`` (drawn once and shared
+    by the particles); ``None`` when there are none.
     ``score_local`` ``[particles, batch]`` and ``score_global`` hold log q of the guide sites
     sampled without ``rsample`` (the score-function factors), ``None`` when there are none.
 
-    With a guide site enumerated, the local terms carry its values as extra leftmost
-    dimensions, weighted by ``enum_log_q``; :meth:`total` sums them out of the importance
-    weight, :meth:`expected_total` and the three term properties average over them.
+    Enumerated guide sites form :class:`EnumeratedComponent` s (``components``, local, and
+    ``global_components``): :meth:`total` sums their values out of the importance weight,
+    :meth:`expected_total` and the three term properties average over them.
 
     ``log_prior`` and ``log_guide`` may be given as functions of no arguments: they are then
     computed when first read (an objective with the KL in closed form never reads them).
@@ -126,7 +158,9 @@ class LogWeights:
                  global_terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                  score_local: torch.Tensor | None = None,
                  score_global: torch.Tensor | None = None,
-                 enum_log_q: torch.Tensor | None = None, model_only: list[str] | None = None):
+                 components: list[EnumeratedComponent] | None = None,
+                 global_components: list[EnumeratedComponent] | None = None,
+                 model_only: list[str] | None = None):
         self._log_likelihood = log_likelihood
         self._log_prior, self._log_guide = log_prior, log_guide
         self._grad_enabled = torch.is_grad_enabled()  # a deferred term is computed as if now
@@ -135,7 +169,8 @@ class LogWeights:
         self.global_terms = global_terms
         self.score_local = score_local
         self.score_global = score_global
-        self.enum_log_q = enum_log_q
+        self.components = components or []
+        self.global_components = global_components or []
         #: latent sites of the model that the guide does not sample (drawn from the prior)
         self.model_only = [] if model_only is None else model_only
         #: ``pyro.factor`` terms of the guide (local ``[particles, batch]``, global), or None
@@ -145,32 +180,34 @@ class LogWeights:
         #: the latent sites in the order the model and the guide sample them
         self.site_order: tuple[list[str], list[str]] = ([], [])
 
+    @property
+    def has_guide_enumeration(self) -> bool:
+        return bool(self.components or self.global_components)
+
     def _resolved(self, term):
         if not callable(term):
             return term
         with torch.set_grad_enabled(self._grad_enabled):
             return term()
 
-    def _expected(self, term: torch.Tensor) -> torch.Tensor:
-        """Average over enumerated guide values, E_{q(c)}[term], down to ``[particles, batch]``."""
-        if self.enum_log_q is None:
-            return term
-        extra = self.enum_log_q.dim() - 2
-        return (self.enum_log_q.exp() * term).sum(tuple(range(extra)))
+    def _with_components(self, base: torch.Tensor, part: str) -> torch.Tensor:
+        for component in self.components:
+            base = base + component.expected(getattr(component, part))
+        return base
 
     @property
     def log_likelihood(self) -> torch.Tensor:
-        return self._expected(self._log_likelihood)
+        return self._with_components(self._log_likelihood, "likelihood")
 
     @property
     def log_prior(self) -> torch.Tensor:
         self._log_prior = self._resolved(self._log_prior)
-        return self._expected(self._log_prior)
+        return self._with_components(self._log_prior, "prior")
 
     @property
     def log_guide(self) -> torch.Tensor:
         self._log_guide = self._resolved(self._log_guide)
-        return self._expected(self._log_guide)
+        return self._with_components(self._log_guide, "guide")
 
     def __repr__(self) -> str:
         return (f"LogWeights(particles={self.particles}, batch={self.batch}, "
@@ -190,7 +227,7 @@ class LogWeights:
         site = self.sites.get("z")
         return None if site is None else site.value
 
-    def _joint(self, beta: float) -> torch.Tensor:
+    def _base(self, beta: float) -> torch.Tensor:
         self._log_prior = self._resolved(self._log_prior)
         self._log_guide = self._resolved(self._log_guide)
         latent = self._log_prior - self._log_guide
@@ -199,28 +236,36 @@ class LogWeights:
     def total(self, beta: float = 1.0) -> torch.Tensor:
         """log w = log p(x|z) + β (log p(z) − log q(z|x)), ``[particles, batch]``; β = 1 is the
         usual importance weight. Enumerated guide values are summed out: log Σ_c q(c) w(c)."""
-        joint = self._joint(beta)
-        if self.enum_log_q is None:
-            return joint
-        extra = self.enum_log_q.dim() - 2
-        return torch.logsumexp(self.enum_log_q + joint, dim=tuple(range(extra)))
+        total = self._base(beta)
+        for component in self.components:
+            total = total + component.total(beta)
+        return total
 
     def expected_total(self, beta: float = 1.0) -> torch.Tensor:
         """The ELBO's integrand per particle, ``[particles, batch]``: :meth:`total` without
         enumeration, E_{q(c)}[log w(c)] with it."""
-        return self._expected(self._joint(beta))
+        total = self._base(beta)
+        for component in self.components:
+            total = total + component.expected_total(beta)
+        return total
 
     def log_mean_weight(self, beta: float = 1.0) -> torch.Tensor:
         """log (1/K) Σ_k w_k: the per-datapoint IWAE_K bound, ``[batch]``."""
         return torch.logsumexp(self.total(beta), dim=0) - math.log(self.particles)
 
     def global_total(self, beta: float = 1.0) -> torch.Tensor | None:
-        """The global terms per draw, log p(x_g|g) + β (log p(g) − log q(g)); ``None`` if none."""
-        if self.global_terms is None:
+        """The global terms per draw, log p(x_g|g) + β (log p(g) − log q(g)), averaged over
+        enumerated global guide values; ``None`` if there are none."""
+        if self.global_terms is None and not self.global_components:
             return None
-        likelihood, prior, guide = self.global_terms
-        latent = prior - guide
-        return likelihood + (latent if beta == 1.0 else beta * latent)
+        total = 0.0
+        if self.global_terms is not None:
+            likelihood, prior, guide = self.global_terms
+            latent = prior - guide
+            total = likelihood + (latent if beta == 1.0 else beta * latent)
+        for component in self.global_components:
+            total = total + component.expected_total(beta)
+        return total
 
 
 # -- the program's structure -------------------------------------------------------------------
@@ -357,17 +402,24 @@ class _Layout:
             term = term.unsqueeze(-1)
         if not self.has_particle_dim:
             term = term.unsqueeze(-2 if local else -1)
-        if not local:  # leading dims left by a summed-out enumeration are of size one
-            term = term.reshape(term.shape[-1:])
-        return term
+        # leading dims left by a summed-out enumeration are of size one
+        return term.reshape(term.shape[-2:] if local else term.shape[-1:])
 
 
 class _CheckedEnum(EnumMessenger):
     """Pyro's parallel enumeration, refusing in one line what it cannot honour (rather than
-    sampling the site, or failing inside Pyro)."""
+    sampling the site, or failing inside Pyro). In the guide, sequential enumeration is the
+    same sum computed in a loop: it is done in parallel."""
+
+    def __init__(self, first_available_dim: int, sequential_as_parallel: bool = False):
+        super().__init__(first_available_dim=first_available_dim)
+        self.sequential_as_parallel = sequential_as_parallel
 
     def _pyro_sample(self, msg) -> None:
         how = msg["infer"].get("enumerate")
+        if how == "sequential" and self.sequential_as_parallel and not msg["done"]:
+            msg["infer"] = dict(msg["infer"], enumerate="parallel")
+            how = "parallel"
         if how is not None and not msg["done"] and not msg["is_observed"]:
             if how != "parallel":
                 raise ConfigError(f"site {msg['name']!r}: enumerate={how!r} is not supported; "
@@ -587,13 +639,13 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
         return vectorized
 
     try:
-        guide_trace = poutine.trace(_CheckedEnum(first_available_dim=first_enum_dim)(
+        guide_trace = poutine.trace(_CheckedEnum(first_enum_dim, sequential_as_parallel=True)(
             in_particles(guide))).get_trace(*args, **kwargs)
         guide_enum_dims = _enum_dims_of(guide_trace)
         model_first = first_enum_dim - len(guide_enum_dims)
         values = _path_aliases(guide_trace) if stop_guide_gradient else {}
         replayed = _with_values(guide_trace, values) if values else guide_trace
-        model_trace = poutine.trace(_CheckedEnum(first_available_dim=model_first)(
+        model_trace = poutine.trace(_CheckedEnum(model_first)(
             poutine.replay(in_particles(model), trace=replayed))).get_trace(*args, **kwargs)
     except ValueError as error:
         message = str(error).splitlines()[0] if str(error) else ""
@@ -632,34 +684,37 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
                 data_scale = frame.full_size / frame.size if frame.full_size else 1.0
                 break
 
-    def term_of(name, site, which):
+    def log_prob_of(name, site, which):
         unscaled = stopped.get(name) if which == "guide" else None
         if unscaled is None:
-            try:
-                unscaled = site["fn"].log_prob(site["value"])
-            except ValueError as error:
-                if "broadcastable" not in str(error):
-                    raise
-                raise ConfigError(f"{which} site {name!r}: its value does not broadcast with its "
-                                  "distribution; a batch dimension that no plate declares "
-                                  "collides with an enumerated or particle dimension") from None
+            unscaled = _checked_log_prob(name, site, which)
             layout.check(name, site, unscaled, enum_dims, shared)
+        return unscaled
+
+    def scale_of(site):
         scale = site["scale"]
         if is_local(site) and data_scale != 1.0:
             scale = scale / data_scale
-        if _depends_on(unscaled, enum_dims):
-            if not (isinstance(scale, (int, float)) and scale == 1.0):
-                raise ConfigError(f"{which} site {name!r}: a scale on a site that depends on an "
-                                  "enumerated site is not supported")
-        return _scale_and_mask(unscaled, scale, site["mask"])
+        return scale
 
-    local = {"likelihood": [], "prior": [], "guide": [], "enum_q": [], "score": [],
-             "guide_factor": []}
+    # every scored term: (name, site, kind, log-density masked but not scaled, scale)
+    records = []
+    for which, trace in (("model", model_trace), ("guide", guide_trace)):
+        for name, site in trace.nodes.items():
+            if (site["type"] != "sample" or site_is_subsample(site)
+                    or site["infer"].get("_deterministic")):
+                continue
+            if which == "model":
+                kind = "likelihood" if site["is_observed"] else "prior"
+            else:
+                kind = "guide_factor" if site["is_observed"] else "guide"
+            term = _scale_and_mask(log_prob_of(name, site, which), 1.0, site["mask"])
+            records.append((name, site, kind, term, scale_of(site)))
+
+    local = {"likelihood": [], "prior": [], "guide": [], "score": [], "guide_factor": []}
     glob = {"likelihood": [], "prior": [], "guide": [], "score": [], "guide_factor": []}
     sites: dict[str, LatentSite] = {}
     reference = None
-    marginal = _Marginal(model_enum_dims, layout)
-    enum_dependent_latents = []
 
     def add(bucket, site, term):
         nonlocal reference
@@ -667,34 +722,69 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
         reference = folded if reference is None else reference
         bucket.append(folded)
 
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
-            continue
-        term = term_of(name, site, "model")
-        if _depends_on(term, model_enum_dims):
-            marginal.add(name, site, term)
-            if not site["is_observed"] and site["infer"].get("_enumerate_dim") is None:
-                enum_dependent_latents.append(name)
-            continue
-        bucket = local if is_local(site) else glob
-        add(bucket["likelihood" if site["is_observed"] else "prior"], site, term)
-    if marginal.terms:
-        # model-side enumerated values summed out: log Σ_c p(c, everything that depends on c)
-        site, term = marginal.summed_out()
-        if shared and not is_local(site):
-            raise ConfigError(f"model site {site['name']!r} is enumerated outside plate 'data': "
+    # model-side enumeration: each connected group summed out, log Σ_c p(c, …), in its context
+    enum_dependent_latents = [name for name, site, kind, term, _ in records
+                              if kind == "prior" and _depends_on(term, model_enum_dims)
+                              and site["infer"].get("_enumerate_dim") is None]
+    grouped = [r for r in records if r[2] in ("likelihood", "prior")
+               and _depends_on(r[3], model_enum_dims)]
+    records = [r for r in records if not (r[2] in ("likelihood", "prior")
+                                          and _depends_on(r[3], model_enum_dims))]
+    for group in _components(grouped, model_enum_dims):
+        owner, context = _context(group, "model")
+        scale = _common_scale(group)
+        total = _summed([_inside(term, site, context) for _, site, _, term, _ in group])
+        dims = sorted(d for d in _dims_of(total, model_enum_dims))
+        marginal = torch.logsumexp(total, dims, keepdim=True)
+        if shared and not is_local(owner):
+            raise ConfigError(f"model site {owner['name']!r} is enumerated outside plate 'data': "
                               "under a multi-particle bound the local particles would share it "
                               "(use elbo or meanfield, or K = 1)")
-        add((local if is_local(site) else glob)["likelihood"], site, term)
-    for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
-            continue
-        term = term_of(name, site, "guide")
-        if _depends_on(term, guide_enum_dims):
-            _check_guide_enumeration(name, site, layout)
+        records.append((owner["name"], owner, "likelihood", marginal, scale))
+
+    # guide-side enumeration: each connected group a component, summed out per weight
+    grouped = [r for r in records if _depends_on(r[3], guide_enum_dims)]
+    records = [r for r in records if not _depends_on(r[3], guide_enum_dims)]
+    components, global_components = [], []
+    for group in _components(grouped, guide_enum_dims):
+        owner, context = _context(group, "guide")
+        owner_local = is_local(owner)
+        if shared and not owner_local:
+            raise ConfigError(f"guide site {owner['name']!r} is enumerated outside plate "
+                              "'data': under a multi-particle bound the local particles would "
+                              "share it (use elbo or meanfield, or K = 1)")
+        scale = _common_scale(group)  # on the terms, not on the enumeration weights q(c)
+        parts = {"likelihood": [], "prior": [], "guide": [], "log_q": []}
+        for name, site, kind, term, _ in group:
+            if kind == "guide" and not site["fn"].has_rsample and \
+                    site["infer"].get("_enumerate_dim") is None:
+                raise ConfigError(f"guide site {name!r} is sampled without rsample given an "
+                                  "enumerated site; enumerate every discrete guide site or none")
+            term = _inside(term, site, context)
+            parts["guide" if kind in ("guide", "guide_factor") else kind].append(term)
+            if kind == "guide" and site["infer"].get("_enumerate_dim") is not None:
+                parts["log_q"].append(term)
+        zero = parts["log_q"][0].new_zeros(())
+        tensors = [_summed(parts[k]) if parts[k] else zero
+                   for k in ("likelihood", "prior", "guide", "log_q")]
+        if scale != 1.0:
+            tensors[:3] = [scale * t for t in tensors[:3]]
+        data_dim = data_dim_of(owner)
+        component = EnumeratedComponent(
+            *tensors, _dims_of(_summed([t for t in tensors if t.dim()]), guide_enum_dims),
+            _reducer(layout, owner_local, data_dim, particles, batch))
+        (components if owner_local else global_components).append(component)
+        if reference is None:
+            reference = component.total()
+
+    for name, site, kind, term, scale in records:
+        term = _scale_and_mask(term, scale, None)
         bucket = local if is_local(site) else glob
+        if kind in ("likelihood", "prior"):
+            add(bucket[kind], site, term)
+            continue
         add(bucket["guide"], site, term)
-        if site["is_observed"]:
+        if kind == "guide_factor":
             add(bucket["guide_factor"], site, term)
             if site["fn"].__dict__.get("has_rsample", True) is False:
                 # a factor standing for a non-reparameterized draw: its score-function factor
@@ -702,48 +792,33 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
                     raise ConfigError(f"guide factor {name!r} has has_rsample=False; stl and "
                                       "dreg need pathwise gradients")
                 add(bucket["score"], site, site["fn"].log_prob(site["value"]))
-            continue
-        if site["infer"].get("_enumerate_dim") is not None:
-            add(local["enum_q"], site, term)
         elif not site["fn"].has_rsample:
             if stop_guide_gradient:
                 raise ConfigError(f"guide site {name!r} is not reparameterizable; stl and dreg "
                                   "need pathwise gradients (use elbo, iwae, renyi or vimco)")
             # the score-function factor: log q, neither scaled nor masked (Pyro's ScoreParts)
             add(bucket["score"], site, site["fn"].log_prob(site["value"]))
+
+    for name, site in guide_trace.nodes.items():
         model_site = model_trace.nodes.get(name)
-        if model_site is not None and model_site["type"] == "sample" and not model_site["is_observed"]:
-            sites[name] = LatentSite(values.get(name, site["value"]), model_site["fn"], site["fn"],
-                                     local=is_local(site),
-                                     weigh=_weigher(site, layout, is_local(site),
-                                                    data_dim_of(site), data_scale),
-                                     spread=_spreader(site, layout, data_dim_of(site)))
+        if (site["type"] != "sample" or site["is_observed"] or site_is_subsample(site)
+                or model_site is None or model_site["type"] != "sample"
+                or model_site["is_observed"]):
+            continue
+        sites[name] = LatentSite(values.get(name, site["value"]), model_site["fn"], site["fn"],
+                                 local=is_local(site),
+                                 weigh=_weigher(site, layout, is_local(site),
+                                                data_dim_of(site), data_scale),
+                                 spread=_spreader(site, layout, data_dim_of(site)))
     if reference is None:  # nothing to score: a bound of zero, as Trace_ELBO gives
         reference = torch.zeros((), device=layout_device(args, kwargs))
-    if local["enum_q"] and (local["score"] or glob["score"]):
+    if components + global_components and (local["score"] or glob["score"]):
         raise ConfigError("a guide with both enumerated and score-function sites is not "
                           "supported; enumerate every discrete guide site or none")
 
     local_shape = (particles, batch)
-    likelihood = _summed(local["likelihood"])
-    leading = len(guide_enum_dims)
-
-    def aligned(term):
-        term = reference.new_zeros(local_shape) if term is None else term
-        while term.dim() > leading + 2:  # model-side enumeration dims, now of size one
-            term = term.squeeze(0)
-        return term.reshape((1,) * (leading + 2 - term.dim()) + term.shape)
-
-    terms = [aligned(_summed(local[key])) if key != "likelihood" else aligned(likelihood)
-             for key in ("likelihood", "prior", "guide")]
-    enum_q = _summed(local["enum_q"])
-    if enum_q is not None:
-        enum_q = aligned(enum_q)
-        full = torch.broadcast_shapes(enum_q.shape, *(t.shape for t in terms),
-                                      (1,) * leading + local_shape)
-        terms, enum_q = [t.expand(full) for t in terms], enum_q.expand(full)
-    else:
-        terms = [t.expand(local_shape) for t in terms]
+    terms = [(_summed(local[k]) if local[k] else reference.new_zeros(())).expand(local_shape)
+             for k in ("likelihood", "prior", "guide")]
     score_local = _summed(local["score"])
     if score_local is not None:
         score_local = score_local.expand(local_shape)
@@ -768,7 +843,8 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
                   and not site_is_subsample(site) and name not in guide_trace.nodes
                   and site["infer"].get("_enumerate_dim") is None]
     weights = LogWeights(*terms, data_scale, sites, global_terms=global_terms,
-                         score_local=score_local, score_global=score_global, enum_log_q=enum_q,
+                         score_local=score_local, score_global=score_global,
+                         components=components, global_components=global_components,
                          model_only=model_only)
     weights.guide_factors = guide_factors
     weights.enum_dependent_latents = enum_dependent_latents
@@ -776,51 +852,89 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
     return weights
 
 
-def layout_device(args, kwargs) -> torch.device:
-    return next((a.device for a in (*args, *kwargs.values()) if torch.is_tensor(a)),
-                torch.device("cpu"))
+def _checked_log_prob(name, site, which) -> torch.Tensor:
+    try:
+        return site["fn"].log_prob(site["value"])
+    except ValueError as error:
+        if "broadcastable" not in str(error):
+            raise
+        raise ConfigError(f"{which} site {name!r}: its value does not broadcast with its "
+                          "distribution; a batch dimension that no plate declares collides "
+                          "with an enumerated or particle dimension") from None
 
 
-class _Marginal:
-    """The model-side enumerated sites and every term that depends on them, summed out:
-    log Σ_c exp(Σ terms). The enumerated sites must share one plate context (ordinal), and every
-    dependent term's plates must contain it: the plates nested further are summed inside the
-    sum over c (a mixture of products), the shared ones outside it (a product of mixtures)."""
+def _frames(site) -> frozenset:
+    return frozenset((f.name, f.dim) for f in site["cond_indep_stack"]
+                     if f.name != PARTICLE_PLATE and f.dim is not None)
 
-    def __init__(self, enum_dims: set[int], layout: _Layout):
-        self.enum_dims = enum_dims
-        self.layout = layout
-        self.terms: list[tuple[str, dict, torch.Tensor]] = []
 
-    @staticmethod
-    def _frames(site) -> frozenset:
-        return frozenset((f.name, f.dim) for f in site["cond_indep_stack"]
-                         if f.name != PARTICLE_PLATE and f.dim is not None)
+def _dims_of(term: torch.Tensor, dims: set[int]) -> set[int]:
+    return {d for d in dims if -d <= term.dim() and term.shape[d] > 1}
 
-    def add(self, name, site, term) -> None:
-        self.terms.append((name, site, term))
 
-    def summed_out(self):
-        enumerated = [(n, s) for n, s, _ in self.terms if s["infer"].get("_enumerate_dim") is not None]
-        outer = {self._frames(s) for _, s in enumerated}
-        if len(outer) != 1:
-            raise ConfigError(f"enumerated sites {', '.join(repr(n) for n, _ in enumerated)} sit "
-                              "in different plates; enumeration is supported for sites sharing "
-                              "one plate context")
-        outer = outer.pop()
-        owner = enumerated[0][1]
-        total = None
-        for name, site, term in self.terms:
-            frames = self._frames(site)
-            if not outer <= frames:
-                raise ConfigError(f"site {name!r} depends on an enumerated site but lies outside "
-                                  f"its plates {sorted(n for n, _ in outer)}; not supported")
-            inner = sorted(d for _, d in frames - outer)
-            if inner:  # plates nested in the enumerated site's: a product inside the mixture
-                term = term.sum(inner, keepdim=True)
-            total = term if total is None else total + term
-        dims = sorted(d for d in self.enum_dims if -d <= total.dim())
-        return owner, torch.logsumexp(total, dim=dims, keepdim=True)
+def _components(records, dims: set[int]) -> list[list]:
+    """Partition terms into groups connected through the enumeration dims they depend on."""
+    groups: list[tuple[set[int], list]] = []
+    for record in records:
+        mine = _dims_of(record[3], dims)
+        joined = [g for g in groups if g[0] & mine]
+        merged_dims, merged = set(mine), [record]
+        for g in joined:
+            merged_dims |= g[0]
+            merged = g[1] + merged
+            groups.remove(g)
+        groups.append((merged_dims, merged))
+    return [members for _, members in groups]
+
+
+def _context(group, which: str):
+    """The enumerated sites' shared plate context (and one of them); every term of the group
+    must lie inside it."""
+    kinds = ("guide",) if which == "guide" else ("likelihood", "prior")
+    enumerated = list({name: (name, site) for name, site, kind, _, _ in group
+                       if kind in kinds and site["infer"].get("_enumerate_dim") is not None
+                       and not site["is_observed"]}.values())
+    contexts = {_frames(site) for _, site in enumerated}
+    if len(contexts) != 1:
+        raise ConfigError(f"{which} sites {', '.join(repr(n) for n, _ in enumerated)} are "
+                          "enumerated together in different plates; enumeration is supported "
+                          "for sites that share one plate context")
+    context = contexts.pop()
+    for name, site, _, _, _ in group:
+        if not context <= _frames(site):
+            raise ConfigError(f"site {name!r} depends on an enumerated site but lies outside "
+                              f"its plates {sorted(n for n, _ in context)}; not supported")
+    return enumerated[0][1], context
+
+
+def _inside(term: torch.Tensor, site, context: frozenset) -> torch.Tensor:
+    """Sum the plates nested below the context: a product inside the mixture."""
+    inner = sorted(d for _, d in _frames(site) - context if -d <= term.dim())
+    return term.sum(inner, keepdim=True) if inner else term
+
+
+def _common_scale(group):
+    """The one scale of a group summed out together (applied outside the sum over values)."""
+    scales = [scale for _, _, _, _, scale in group]
+    first = scales[0]
+    for scale in scales[1:]:
+        same = (scale is first or (not torch.is_tensor(scale) and not torch.is_tensor(first)
+                                   and scale == first))
+        if not same:
+            names = ", ".join(repr(name) for name, _, _, _, _ in group)
+            raise ConfigError(f"sites {names} are summed out together but carry different "
+                              "scales; give them one scale")
+    if torch.is_tensor(first):
+        raise ConfigError(f"site {group[0][0]!r}: a tensor scale on a site summed out by "
+                          "enumeration is not supported")
+    return first
+
+
+def _reducer(layout: _Layout, local: bool, data_dim, particles: int, batch: int):
+    def fold(term: torch.Tensor) -> torch.Tensor:
+        folded = layout.fold(term, local, data_dim)
+        return folded.expand(particles, batch) if local else folded
+    return fold
 
 
 def _summed(terms: list[torch.Tensor]) -> torch.Tensor | None:
@@ -836,17 +950,9 @@ def _depends_on(term: torch.Tensor, dims: set[int]) -> bool:
     return any(-d <= term.dim() and term.shape[d] > 1 for d in dims)
 
 
-def _check_guide_enumeration(name, site, layout: _Layout) -> None:
-    """A guide site enumerated (or depending on one) is summed per datapoint: it must sit in
-    plate "data" (or, without one, in no plate); plates nested below are summed inside."""
-    if site["infer"].get("_enumerate_dim") is None:
-        return
-    extra = [f.name for f in site["cond_indep_stack"]
-             if f.name != PARTICLE_PLATE and f is not layout.data_frame(site)]
-    if extra:
-        raise ConfigError(f"guide site {name!r} is enumerated inside plate {extra[0]!r}; a guide "
-                          "site can be enumerated directly in plate 'data' (or outside any "
-                          "plate in a program without one)")
+def layout_device(args, kwargs) -> torch.device:
+    return next((a.device for a in (*args, *kwargs.values()) if torch.is_tensor(a)),
+                torch.device("cpu"))
 
 
 def _weigher(site, layout: _Layout, local: bool, data_dim, data_scale):

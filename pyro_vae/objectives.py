@@ -179,7 +179,7 @@ class CoreObjective(ELBO):
             raise ConfigError(f"objective {self.name!r} needs reparameterized guide sites; for "
                               "discrete ones use 'elbo', 'iwae', 'renyi' or 'vimco' (score "
                               "function) or enumerate them")
-        if weights.enum_log_q is not None and not self.supports_guide_enumeration:
+        if weights.has_guide_enumeration and not self.supports_guide_enumeration:
             raise ConfigError(f"objective {self.name!r} does not support enumerated guide "
                               "sites; use 'elbo', 'iwae', 'renyi' or 'vimco'")
 
