@@ -753,7 +753,9 @@ def _():
                     pyro.sample("x536", dist.Categorical(torch.ones(5, 3, 6) / 6))
         return config_enumerate(run) if is_guide else run
 
-    return Program(program(False), program(True))
+    # nothing is observed: log p(x) = 0, the value of every importance-weighted bound
+    return Program(program(False), program(True),
+                   marginal=config_enumerate(program(False), "parallel"))
 
 
 @case("enum_chain_mixed", "test_valid_models.py::test_enum_in_model_ok", nesting=0,
@@ -1810,7 +1812,18 @@ def _enumerate_chain(scale):
         y = pyro.sample("y", dist.Categorical(probs_y[x]), infer={"enumerate": "parallel"})
         pyro.sample("z", dist.Categorical(probs_z[y]), obs=torch.tensor(0))
 
-    return Program(model, guide, marginal=marginal)
+    def expected(objective, particles, alpha):
+        # iwae, renyi, vimco: each importance weight sums x out, Σ_x q(x) w(x), where the scale
+        # multiplies the weight's log-density terms (not q(x)) and y, summed out in the model,
+        # contributes scale · log Σ_y p(y | x) p(z | y) (TraceEnum_ELBO's rule): so
+        # log Σ_x q(x) [p(x) Σ_y p(y | x) p(z | y) / q(x)]^scale, whatever K and α. With
+        # scale 1 it is log p(z)
+        probs_x, probs_y, probs_z = probs()
+        q = pyro.param("guide_probs_x")
+        log_w = scale * (probs_x.log() + (probs_y * probs_z[:, 0]).sum(-1).log() - q.log())
+        return -torch.logsumexp(q.log() + log_w, 0)
+
+    return Program(model, guide, marginal=marginal, expected=expected)
 
 
 @case("enumerate_chain", "test_enum.py::test_elbo_enumerate_2[1]", nesting=0, enumerated=True)
@@ -1873,7 +1886,9 @@ def _bernoulli_particles(enumerate_guide):
                                log_weight)
 
     if enumerate_guide:
-        guide = config_enumerate(guide, "parallel")
+        # nothing is observed: log p(x) = 0 (every importance-weighted bound, z summed out)
+        return Program(model, config_enumerate(guide, "parallel"), expected=expected,
+                       marginal=config_enumerate(model, "parallel"))
     return Program(model, guide, expected=expected)
 
 
@@ -2266,14 +2281,23 @@ def _():
 @case("enum_sequential_in_guide", "test_valid_models.py::test_enum_discrete_misuse_warning"
       "[sequential-TraceEnum_ELBO]", nesting=0, enumerated=True)
 def _():
+    # as Pyro's test, with an observation and the guide away from the prior (with p = 0.5 and
+    # nothing observed every value and gradient is 0, which no estimator can fail)
+    observed = torch.tensor(0.4)
+
     def model():
-        pyro.sample("x", dist.Bernoulli(torch.tensor(0.5)))
+        x = pyro.sample("x", dist.Bernoulli(torch.tensor(0.5)))
+        pyro.sample("y", dist.Normal(2 * x - 1, 1.0), obs=observed)
 
     def guide():
-        p = pyro.param("p", torch.tensor(0.5), constraint=constraints.unit_interval)
+        p = pyro.param("p", torch.tensor(0.3), constraint=constraints.unit_interval)
         pyro.sample("x", dist.Bernoulli(p), infer={"enumerate": "sequential"})
 
-    return Program(model, guide)
+    def marginal():
+        x = pyro.sample("x", dist.Bernoulli(torch.tensor(0.5)), infer={"enumerate": "parallel"})
+        pyro.sample("y", dist.Normal(2 * x - 1, 1.0), obs=observed)
+
+    return Program(model, guide, marginal=marginal)
 
 
 @_invalid("enum_multi_scale", "test_valid_models.py::test_enum_in_model_multi_scale_error",
