@@ -372,7 +372,11 @@ class _Layout:
                 continue
             dim = -position
             if position <= self.nesting:
-                if dim not in declared and not self.additive:
+                # Pyro sums a dim that no plate declares; so do additive objectives, and any
+                # objective at a site in plate "data" (summed within its datapoint's weight).
+                # Elsewhere, under a multi-particle bound, it could be the particle dim moved by
+                # a reduction over another dim: refused rather than summed over the particles.
+                if dim not in declared and not self.additive and data is None:
                     raise ConfigError(
                         f"site {name!r}: its log-density has a batch dimension of size {size} at "
                         f"dim {dim} that no enclosing plate declares")
@@ -996,7 +1000,8 @@ def _stopped_guide_log_probs(guide, vectorized_guide, guide_trace, aliases, layo
                                                  trace=_with_values(guide_trace, values))
                                   ).get_trace(*args, **kwargs)
             # score while the parameters are frozen: a flow's inverse runs lazily in log_prob
-            return {name: site["fn"].log_prob(site["value"]) for name, site in trace.nodes.items()
+            return {name: _checked_log_prob(name, site, "guide")
+                    for name, site in trace.nodes.items()
                     if site["type"] == "sample" and not site["is_observed"]
                     and not site_is_subsample(site)}, trace
 

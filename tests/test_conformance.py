@@ -255,11 +255,9 @@ ROWS = {
                                         Exact(3), Exact(3), Exact(3), Exact(3), Same("stl", 1)),
     "components_and_data": globals_only(),
     # Pyro broadcasts p (plate "components", dim -1) into "obs", which no plate at dim -1
-    # encloses, and sums the undeclared dimension: so do the additive objectives (Trace_ELBO's
-    # rule); the bounds non-linear in the particles refuse to guess at K > 1
-    "user_plate_num_particles": {
-        **refused(r"site 'obs'.*no enclosing plate declares"),
-        "elbo": Same("trace", 2), "meanfield": Same("meanfield", 2), "stl": Same("stl", 1)},
+    # encloses, and sums the undeclared dimension: so does every objective at a site inside
+    # plate "data" (within the datapoint's weight)
+    "user_plate_num_particles": globals_only(),
     "factor_in_model": one_weight(),
     # a guide factor is a term of log q (TraceMeanField_ELBO subtracts it, as Trace_ELBO does);
     # one declared has_rsample=False is not pathwise: the score function treats it (Trace_ELBO's
@@ -386,12 +384,7 @@ CELLS = [(name, objective) for name in CASES for objective in OBJECTIVE_NAMES]
 
 # Cells where pyro_vae does not reach the outcome the table declares: strict xfails, each with
 # the exception it raises instead (an assertion failure, a wrong number, stays a failure).
-KNOWN_BUGS = {
-    ("enum_batch_without_plate", "stl"): (
-        "stl (K = 1) on an enumerated site with an undeclared batch dimension reaches torch's "
-        "log_prob validation: torch's ValueError, not a ConfigError (elbo and meanfield now "
-        "give the ConfigError)", AssertionError),
-}
+KNOWN_BUGS: dict = {}
 
 
 def _cell(name, objective):
