@@ -9,7 +9,8 @@ For K particles drawn in one vectorized pass (particle dimension leftmost),
 plates nested in it) contributes a *local*, per-datapoint term; nested plates are summed within
 the datapoint. Every site outside it (a global latent, a ``pyro.factor``, a global observation)
 contributes one *global* term per draw. A program with no ``"data"`` plate is one weight for
-everything (a batch of one), so ``iwae`` on it is Pyro's ``RenyiELBO(alpha=0)``.
+everything (a batch of one), so ``iwae`` on it is Pyro's ``RenyiELBO(alpha=0)`` (when no plate
+encloses every site: ``RenyiELBO`` reduces such a plate element by element, as plate "data").
 
 **The hierarchical bound.** With global latents g and local latents z_b,
 
