@@ -309,7 +309,26 @@ def _inference_data(vae, x, y, split_name: str, particles: int, seed: int, laten
     for dataset in groups.values():
         dataset.attrs.update(attrs)
     order = ("posterior", "log_likelihood", "sample_stats", "observed_data", "constant_data")
-    return arviz.InferenceData(**{name: groups[name] for name in order if name in groups})
+    return _arviz_object({name: groups[name] for name in order if name in groups})
+
+
+def arviz_groups(idata) -> set[str]:
+    """The group names of an ArviZ object, ``InferenceData`` (ArviZ 0.x) or ``DataTree``
+    (ArviZ 1.x)."""
+    groups = idata.groups() if callable(idata.groups) else idata.groups
+    return {name.strip("/") for name in groups if name.strip("/")}
+
+
+def _arviz_object(groups: dict):
+    """The groups as ArviZ's container: ``InferenceData`` under ArviZ 0.x, xarray's
+    ``DataTree`` (what ``arviz_base`` reads and writes) under ArviZ 1.x."""
+    import arviz
+
+    if _arviz_major() < 1:
+        return arviz.InferenceData(**groups)
+    import xarray as xr
+
+    return xr.DataTree.from_dict(groups)
 
 
 def write_netcdf(idata, path: str | Path) -> Path:
@@ -326,7 +345,10 @@ def write_netcdf(idata, path: str | Path) -> Path:
         raise PyroVAEError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
     os.close(handle)
     try:
-        arviz.to_netcdf(idata, tmp)
+        if _arviz_major() < 1:
+            arviz.to_netcdf(idata, tmp)
+        else:  # a DataTree writes itself, one netCDF group per ArviZ group
+            idata.to_netcdf(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
