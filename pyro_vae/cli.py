@@ -1,4 +1,5 @@
-"""The ``pyro-vae`` command line: train, evaluate, sample.
+"""The ``pyro-vae`` command line: ``train``, ``evaluate``, ``sample``, ``compare-estimators``,
+``diagnose``, ``compare`` and ``explore``.
 
 Every error a user can cause ends with one line on stderr (``pyro-vae: error: …``) and exit
 status 2; no traceback, and no run directory is left behind by a run that could not start.

@@ -1,9 +1,11 @@
-"""Data sets: the bundled ``digits``, and ``.npy`` / ``.csv`` array files.
+"""Data sets: the bundled ``digits``, MNIST, Fashion-MNIST and KMNIST (torchvision; local files
+or ``download``), and ``.npy`` / ``.csv`` array files (a ``.npy`` may be memory-mapped).
 
 Every data set is split once, by a fixed seed that does not depend on the training seed, into
 train / validation / test parts (80 / 10 / 10 %), so that ``evaluate --split test`` of any run
 on the same data sees the same datapoints. Data are flattened to ``[N, prod(data_shape)]``
-float32 tensors and kept on the training device.
+float32 tensors and kept on the training device, except memory-mapped arrays, which stay on
+disk and are read a minibatch at a time.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ whole data set's negative bound in nats. The minibatch scale is applied outside 
 log-mean-exp (Pyro's ``RenyiELBO`` applies it inside, which mis-scales minibatch IWAE).
 
 Every objective is a Pyro :class:`~pyro.infer.ELBO` (``elbo`` and ``meanfield`` subclass
-``Trace_ELBO`` and ``TraceMeanField_ELBO``): use it with ``pyro.infer.SVI``, or call
-``objective(model, guide)`` for an ``nn.Module`` loss to drive with ``torch.optim`` or DDP, as
-:func:`pyro_vae.fit` does. None of them reads the loss back to the host while computing it.
+``Trace_ELBO`` and ``TraceMeanField_ELBO``): use it with ``pyro.infer.SVI``, or call its
+``differentiable_loss`` and drive a ``torch.optim`` optimizer, as :func:`pyro_vae.fit` does
+through :class:`pyro_vae.distributed.LossModule` (the ``nn.Module`` that owns the VAE's
+parameters, which DDP wraps). None of them reads the loss back to the host while computing it.
 
 ``beta`` (β) multiplies the latent terms; ``beta`` is an attribute that :func:`pyro_vae.fit`
 changes during KL annealing. ``free_bits`` (λ, nats per latent dimension; Kingma et al. 2016)

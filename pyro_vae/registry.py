@@ -43,8 +43,9 @@ def register(kind: str, name: str):
     """Class decorator: make a user-written component available by ``name``.
 
     ``kind`` is ``"prior"``, ``"likelihood"`` or ``"guide"``. A registered component can be
-    chosen by name (``VAE(prior="my-prior")``, ``pyro-vae train --prior my-prior`` after the
-    defining module is imported) and runs that use it can be restored with ``load_run``::
+    chosen by name in Python (``VAE(prior="my-prior")``; the command line knows the built-in
+    names only) and runs that use it can be restored with ``load_run`` once the defining module
+    is imported::
 
         @pyro_vae.register("prior", "my-laplace")
         class MyLaplace(torch.nn.Module):

@@ -1,8 +1,9 @@
 """Training: stochastic variational inference with one ``torch.optim`` optimizer.
 
-:func:`fit` drives an objective from :mod:`pyro_vae.objectives` in its ``nn.Module`` form
-(``objective(model, guide)``), which is the same computation ``pyro.infer.SVI`` performs, with
-three choices that make it fast (DESIGN §6):
+:func:`fit` drives an objective from :mod:`pyro_vae.objectives` through
+:class:`pyro_vae.distributed.LossModule` (its ``differentiable_loss`` as an ``nn.Module`` that
+owns the VAE's parameters), the same computation ``pyro.infer.SVI`` performs, with three
+choices that make it fast:
 
 - Pyro's argument/support validation runs on the first step only (bad input is caught there),
   then is switched off;
