@@ -12,7 +12,7 @@ from .errors import PyroVAEError
 from .evaluation import Evaluation, evaluate
 from .log_weights import LogWeights, log_weights
 from .objectives import OBJECTIVES, make_objective
-from .registry import register
+from .registry import register, unregister
 from .runs import Run, load_run
 from .training import FitResult, fit, resume
 from .vae import VAE
@@ -21,5 +21,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "VAE", "fit", "resume", "evaluate", "load_run", "load_data", "log_weights", "make_objective",
-    "register", "Dataset", "Evaluation", "FitResult", "LogWeights", "Run", "PyroVAEError", "OBJECTIVES",
+    "register", "unregister", "Dataset", "Evaluation", "FitResult", "LogWeights", "Run", "PyroVAEError", "OBJECTIVES",
 ]

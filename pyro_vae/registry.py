@@ -73,3 +73,20 @@ def register(kind: str, name: str):
         return cls
 
     return decorate
+
+
+def unregister(kind: str, name: str) -> None:
+    """Remove a user-registered component (the built-in catalogue cannot be changed)."""
+    from .guides import posteriors
+    from .models import likelihoods, priors
+
+    catalogues = {"prior": priors.PRIORS, "likelihood": likelihoods.LIKELIHOODS,
+                  "guide": posteriors.POSTERIORS}
+    if kind not in catalogues:
+        raise ConfigError(f"unknown component kind {kind!r}; use prior, likelihood or guide")
+    cls = catalogues[kind].get(name)
+    if cls is None:
+        raise ConfigError(f"no {kind} named {name!r} is registered")
+    if cls.__module__.startswith("pyro_vae."):
+        raise ConfigError(f"{kind} {name!r} is built in and cannot be unregistered")
+    del catalogues[kind][name]

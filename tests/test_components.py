@@ -13,6 +13,8 @@ from torch import nn
 import pyro_vae
 from pyro_vae import VAE, evaluate, fit, load_run
 from pyro_vae.errors import ConfigError, PyroVAEError
+from pyro_vae.models.priors import PRIORS
+from pyro_vae.registry import unregister
 
 
 @pytest.mark.parametrize("image_shape", [(1, 8, 8), (1, 28, 28), (3, 10, 6)])
@@ -99,7 +101,6 @@ def test_labels_out_of_range_are_refused_before_training(digits):
     assert all(torch.equal(a, b) for a, b in zip(before, vae.parameters()))
 
 
-@pyro_vae.register("prior", "test-logistic")
 class LogisticPrior(nn.Module):
     """A user-written prior: independent standard logistic coordinates, with a learned scale."""
 
@@ -120,7 +121,16 @@ class LogisticPrior(nn.Module):
         return {"init_scale": self.init_scale}
 
 
-def test_user_written_prior_plugs_in_trains_and_restores(digits, tmp_path):
+@pytest.fixture
+def logistic_prior():
+    """The user's prior registered for one test only: the catalogue other modules see (and the
+    tests they parametrize over it) does not depend on which modules were collected."""
+    pyro_vae.register("prior", "test-logistic")(LogisticPrior)
+    yield LogisticPrior
+    unregister("prior", "test-logistic")
+
+
+def test_user_written_prior_plugs_in_trains_and_restores(digits, tmp_path, logistic_prior):
     pyro.set_rng_seed(0)
     vae = VAE(digits.data_shape, 2, prior="test-logistic", hidden=(16,))
     before = vae.prior.log_scale.detach().clone()
@@ -133,6 +143,14 @@ def test_user_written_prior_plugs_in_trains_and_restores(digits, tmp_path):
     # the same object, given directly rather than by name, is the same model
     direct = VAE(digits.data_shape, 2, prior=LogisticPrior(), hidden=(16,))
     assert direct.config["prior"] == "test-logistic"
+
+
+def test_unregister_restores_the_catalogue_and_guards_the_built_ins(logistic_prior):
+    assert "test-logistic" in PRIORS
+    with pytest.raises(ConfigError, match="built in"):
+        unregister("prior", "normal")
+    with pytest.raises(ConfigError, match="no prior named"):
+        unregister("prior", "not-there")
 
 
 def test_register_refuses_incomplete_components():

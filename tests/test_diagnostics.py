@@ -21,7 +21,7 @@ from pyro_vae.diagnostics import (BOUNDED_PARETO_K, COLLAPSE_THRESHOLD, DIAGNOST
                                   arviz_groups, kl_per_dimension, pareto_k, psis_backend)
 from pyro_vae.errors import ConfigError, PyroVAEError
 
-from conftest import make_linear_gaussian, set_diagonal_guide
+from helpers import make_linear_gaussian, set_diagonal_guide
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pyro_vae.errors import ConfigError
 from pyro_vae.estimators import ROW_KEYS, compare_estimators, gradient_draws
 from pyro_vae.objectives import OBJECTIVES, make_objective
 
-from conftest import make_linear_gaussian, set_diagonal_guide
+from helpers import make_linear_gaussian, set_diagonal_guide
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from torch.distributions import kl_divergence
 from pyro_vae import VAE, evaluate, log_weights
 from pyro_vae.objectives import make_objective
 
-from conftest import set_diagonal_guide
+from helpers import set_diagonal_guide
 
 
 def test_exact_posterior_gives_exact_log_likelihood(linear_gaussian):

@@ -17,7 +17,7 @@ from pyro_vae.guides.posteriors import POSTERIORS
 from pyro_vae.models.priors import PRIORS
 from pyro_vae.objectives import make_objective
 
-from conftest import LinearGaussian
+from helpers import LinearGaussian
 
 # the continuous latent spaces; the discrete families are tested in test_discrete_components
 DISCRETE = {"categorical", "relaxed-categorical"}

@@ -1,0 +1,73 @@
+"""Test helpers shared by several modules: a linear-Gaussian VAE with a closed-form evidence and
+posterior, and a guide set to (a shift of) that posterior."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pyro_vae import VAE
+
+
+@dataclass
+class LinearGaussian:
+    """x = μ + W z + σ ε with z ~ N(0, I): log p(x) = log N(x; μ, WWᵀ + σ²I) and
+    p(z|x) = N(M⁻¹Wᵀ(x − μ), σ² M⁻¹) with M = WᵀW + σ²I."""
+
+    vae: VAE
+    W: torch.Tensor
+    mu: torch.Tensor
+    sigma: float
+    x: torch.Tensor
+
+    def exact_log_likelihood(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.x if x is None else x
+        W, mu = self.W.double(), self.mu.double()
+        cov = W @ W.T + self.sigma**2 * torch.eye(W.shape[0], dtype=torch.float64)
+        return torch.distributions.MultivariateNormal(mu, cov).log_prob(x.double())
+
+    def exact_posterior(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, b, cov) of the exact posterior mean A x + b and its covariance."""
+        W, mu = self.W.double(), self.mu.double()
+        M = W.T @ W + self.sigma**2 * torch.eye(W.shape[1], dtype=torch.float64)
+        A = torch.linalg.solve(M, W.T)
+        return A, -A @ mu, self.sigma**2 * torch.linalg.inv(M)
+
+
+def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
+    return y + torch.log(-torch.expm1(-y))
+
+
+def set_diagonal_guide(problem: LinearGaussian, loc_shift: float = 0.0, scale_factor: float = 1.0):
+    """Point the linear encoder at the exact posterior (diagonal when WᵀW is), optionally
+    shifted and widened to make an imperfect guide."""
+    A, b, cov = problem.exact_posterior()
+    d = A.shape[0]
+    std = cov.diagonal().sqrt() * scale_factor
+    min_scale = problem.vae.guide_family.min_scale
+    linear = problem.vae.encoder.linear
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.weight[:d] = A.float()
+        linear.bias[:d] = (b + loc_shift).float()
+        linear.bias[d:] = _inverse_softplus(std - min_scale).float()
+
+
+def make_linear_gaussian(data_dim: int = 6, latent_dim: int = 2, sigma: float = 0.5,
+                         num_data: int = 400, seed: int = 0) -> LinearGaussian:
+    generator = torch.Generator().manual_seed(seed)
+    # Orthogonal columns make WᵀW, hence the exact posterior covariance, diagonal.
+    Q, _ = torch.linalg.qr(torch.randn(data_dim, data_dim, generator=generator))
+    W = Q[:, :latent_dim] * torch.linspace(2.0, 1.0, latent_dim)
+    mu = torch.randn(data_dim, generator=generator)
+    z = torch.randn(num_data, latent_dim, generator=generator)
+    x = mu + z @ W.T + sigma * torch.randn(num_data, data_dim, generator=generator)
+    vae = VAE(data_dim, latent_dim, likelihood="normal", likelihood_options={"scale": sigma},
+              encoder="linear", decoder="linear")
+    with torch.no_grad():
+        vae.decoder.linear.weight.copy_(W)
+        vae.decoder.linear.bias.copy_(mu)
+    problem = LinearGaussian(vae, W, mu, sigma, x)
+    set_diagonal_guide(problem)
+    return problem
