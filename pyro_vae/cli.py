@@ -243,6 +243,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: TOML types of the options whose value is not a string (a string is not a boolean, 1.9 is not
+#: an integer: the file says what it means, as a flag's text cannot)
+_TOML_BOOLEANS = {"conditional", "download"}
+_TOML_INTEGERS = {"latent_dim", "particles", "anneal_steps", "epochs", "batch_size", "seed",
+                  "eval_particles", "levels"}
+_TOML_NUMBERS = {"beta", "alpha", "free_bits", "lr"}
+
+
+def _typed_toml_value(path: Path, key: str, name: str, value: Any) -> Any:
+    def refuse(expected: str):
+        raise ConfigError(f"{path}: option {key!r} expects {expected}, got {value!r}")
+
+    if name in _TOML_BOOLEANS and not isinstance(value, bool):
+        refuse("true or false")
+    if name in _TOML_INTEGERS and (isinstance(value, bool) or not isinstance(value, int)):
+        refuse("an integer")
+    if name in _TOML_NUMBERS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        refuse("a number")
+    if name == "hidden" and not isinstance(value, str) and not (
+            isinstance(value, list) and value
+            and all(isinstance(h, int) and not isinstance(h, bool) for h in value)):
+        refuse('a list of integers or a string like "256,256"')
+    return value
+
+
 def _train_options(args: argparse.Namespace) -> dict[str, Any]:
     options = dict(TRAIN_DEFAULTS)
     if args.config:
@@ -257,7 +282,7 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
             name = key.replace("-", "_")
             if name not in options:
                 raise ConfigError(f"{path}: unknown option {key!r}")
-            options[name] = value
+            options[name] = _typed_toml_value(path, key, name, value)
     for name in options:
         value = getattr(args, name, None)
         if value is not None:

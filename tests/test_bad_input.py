@@ -294,6 +294,18 @@ CASES = [
      ()),
     ("train-config-hidden-integer", config_file(FAST_TOML.replace("hidden = '16'", "hidden = 16")),
      "hidden", ()),
+    # a TOML value says what it means: a string is not a boolean, 1.9 is not an integer
+    ("train-config-conditional-string", config_file(FAST_TOML + "conditional = 'false'\n"),
+     "'conditional' expects true or false, got 'false'", ()),
+    ("train-config-hidden-float", config_file(FAST_TOML.replace("hidden = '16'", "hidden = [1.9]")),
+     "'hidden' expects a list of integers", ()),
+    ("train-config-hidden-boolean",
+     config_file(FAST_TOML.replace("hidden = '16'", "hidden = [true]")),
+     "'hidden' expects a list of integers", ()),
+    ("train-config-epochs-float", config_file(FAST_TOML.replace("epochs = 1", "epochs = 2.5")),
+     "'epochs' expects an integer, got 2.5", ()),
+    ("train-config-download-number", config_file(FAST_TOML + "download = 1\n"),
+     "'download' expects true or false", ()),
     # -- train: likelihood options --------------------------------------------------------------
     ("train-likelihood-scale-with-bernoulli",
      train("--likelihood", "bernoulli", "--likelihood-scale", "0.1"), "--likelihood normal", ()),
