@@ -31,7 +31,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "epochs": 200, "batch_size": 128, "lr": 1e-3, "device": "auto", "seed": 0, "out": None,
     "eval_particles": 1000, "conditional": False, "levels": None,
     "data_dir": None, "download": False, "binarize": None,
+    "prior_options": {}, "likelihood_options": {}, "guide_options": {},
 }
+#: TOML tables (and --KIND-option flags) that set a component's name and options
+_COMPONENT_SECTIONS = ("prior", "likelihood", "guide")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--likelihood-scale", metavar="S",
                              help="normal likelihood σ: shared, per-dim, decoder, or a number")
         command.add_argument("--guide", choices=sorted(POSTERIORS))
+        for kind in ("prior", "likelihood", "guide"):
+            command.add_argument(f"--{kind}-option", action="append", metavar="KEY=VALUE",
+                                 help=f"an option of the {kind} (repeatable; VALUE as in TOML, "
+                                      f"e.g. components=3)")
         command.add_argument("--encoder", choices=NETWORKS)
         command.add_argument("--decoder", choices=NETWORKS)
         command.add_argument("--hidden", metavar="400,400", help="hidden widths of mlp networks")
@@ -251,6 +258,20 @@ _TOML_INTEGERS = {"latent_dim", "particles", "anneal_steps", "epochs", "batch_si
 _TOML_NUMBERS = {"beta", "alpha", "free_bits", "lr"}
 
 
+def _component_option(kind: str, item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of a ``--KIND-option`` flag; VALUE is read as a TOML value (3, 0.5, true,
+    "text"), a bare word as a string."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise ConfigError(f"--{kind}-option expects KEY=VALUE, got {item!r}")
+    try:
+        value = tomllib.loads(f"value = {text.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key, value
+
+
 def _typed_toml_value(path: Path, key: str, name: str, value: Any) -> Any:
     def refuse(expected: str):
         raise ConfigError(f"{path}: option {key!r} expects {expected}, got {value!r}")
@@ -270,6 +291,7 @@ def _typed_toml_value(path: Path, key: str, name: str, value: Any) -> Any:
 
 def _train_options(args: argparse.Namespace) -> dict[str, Any]:
     options = dict(TRAIN_DEFAULTS)
+    file_names: dict[str, str] = {}
     if args.config:
         path = Path(args.config).expanduser()
         if not path.is_file():
@@ -280,13 +302,26 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
         for key, value in table.items():
             name = key.replace("-", "_")
-            if name not in options:
+            if name in _COMPONENT_SECTIONS and isinstance(value, dict):
+                # [prior] name = "mog"  components = 3
+                section = dict(value)
+                if "name" in section:
+                    options[name] = file_names[name] = section.pop("name")
+                options[f"{name}_options"] = section
+                continue
+            if name not in options or name.endswith("_options"):
                 raise ConfigError(f"{path}: unknown option {key!r}")
             options[name] = _typed_toml_value(path, key, name, value)
     for name in options:
         value = getattr(args, name, None)
-        if value is not None:
+        if value is not None and not name.endswith("_options"):
             options[name] = value
+    for kind in _COMPONENT_SECTIONS:
+        if getattr(args, kind, None) is not None and getattr(args, kind) != file_names.get(kind):
+            options[f"{kind}_options"] = {}  # the file's options belong to the component it named
+        for item in getattr(args, f"{kind}_option", None) or ():
+            key, value = _component_option(kind, item)
+            options[f"{kind}_options"] = {**options[f"{kind}_options"], key: value}
     for name, convert in _TRAIN_TYPES.items():
         value = options[name]
         if value is None or (name in _FROM_FLAGS and getattr(args, name, None) is not None):
@@ -362,7 +397,10 @@ def _build(options: dict[str, Any]):
     vae = VAE(dataset.data_shape, int(options["latent_dim"]), prior=options["prior"],
               likelihood=options["likelihood"], guide=options["guide"],
               encoder=options["encoder"], decoder=options["decoder"], hidden=options["hidden"],
-              likelihood_options=_likelihood_options(options), conditional=conditional,
+              prior_options=options["prior_options"] or None,
+              guide_options=options["guide_options"] or None,
+              likelihood_options={**_likelihood_options(options), **options["likelihood_options"]},
+              conditional=conditional,
               num_classes=dataset.num_classes if conditional else None)
     return dataset, vae
 
@@ -464,6 +502,7 @@ def cmd_compare_estimators(args: argparse.Namespace) -> int:
         raise ConfigError(f"--plot must be a .png file in an existing directory, not {args.plot!r}")
     if args.run_dir:
         given = [flag for flag in ("config", "prior", "likelihood", "likelihood_scale", "guide",
+                                   "prior_option", "likelihood_option", "guide_option",
                                    "encoder", "decoder", "hidden", "latent_dim", "levels",
                                    "conditional", "data_dir", "download", "binarize")
                  if getattr(args, flag) is not None]

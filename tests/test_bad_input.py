@@ -306,6 +306,15 @@ CASES = [
      "'epochs' expects an integer, got 2.5", ()),
     ("train-config-download-number", config_file(FAST_TOML + "download = 1\n"),
      "'download' expects true or false", ()),
+    # -- train: component options (a [prior]/[likelihood]/[guide] table, --KIND-option) ----------
+    ("train-prior-option-without-value", train("--prior-option", "components"), "KEY=VALUE", ()),
+    ("train-prior-option-unknown", train("--prior", "mog", "--prior-option", "colors=4"),
+     "bad options for prior 'mog'", ()),
+    ("train-config-prior-section-bad-value",
+     config_file(FAST_TOML + "[prior]\nname = 'mog'\ncomponents = 0\n"), "components", ()),
+    ("train-guide-option-wrong-type",
+     train("--guide", "categorical", "--prior", "categorical", "--guide-option",
+           "enumerate='false'"), "enumerate", ()),
     # -- train: likelihood options --------------------------------------------------------------
     ("train-likelihood-scale-with-bernoulli",
      train("--likelihood", "bernoulli", "--likelihood-scale", "0.1"), "--likelihood normal", ()),
