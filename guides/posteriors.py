@@ -47,7 +47,7 @@ from torch import nn
 from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
 
 from ..errors import ConfigError
-from ..models.priors import OneHotCategorical, RelaxedOneHotCategorical
+from ..models.priors import OneHotCategorical, RelaxedOneHotCategorical, _positive_float
 
 #: Factor on the initial output weights of a flow guide's layers (near-identity start).
 INITIAL_OUTPUT_SCALE = 0.01
@@ -60,16 +60,6 @@ def _non_negative_float(what: str, value) -> float:
         raise ConfigError(f"{what} must be a non-negative number, not {value!r}") from None
     if isinstance(value, bool) or not (number >= 0 and math.isfinite(number)):
         raise ConfigError(f"{what} must be a non-negative finite number, not {value!r}")
-    return number
-
-
-def _positive_float(what: str, value) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a positive number, not {value!r}") from None
-    if isinstance(value, bool) or not (number > 0 and math.isfinite(number)):
-        raise ConfigError(f"{what} must be a positive finite number, not {value!r}")
     return number
 
 

@@ -100,7 +100,8 @@ def _particle_chunks(vae, x: torch.Tensor, y, particles: int):
     chunk, done = particle_chunk(vae, x.shape[0], particles), 0
     while done < particles:
         k = min(chunk, particles - done)
-        yield log_weights(vae.model, vae.guide, x, y, particles=k)
+        yield log_weights(vae.model, vae.guide, x, y, particles=k).per_datapoint_only(
+            "evaluation")
         done += k
 
 

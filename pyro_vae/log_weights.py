@@ -181,6 +181,14 @@ class LogWeights:
         #: the latent sites in the order the model and the guide sample them
         self.site_order: tuple[list[str], list[str]] = ([], [])
 
+    def per_datapoint_only(self, what: str) -> "LogWeights":
+        """These weights, for a tool that reports per-datapoint bounds; refused in one line if
+        the program has terms outside plate "data", which no per-datapoint number holds."""
+        if self.global_terms is not None or self.global_components:
+            raise ConfigError(f"{what} reports per-datapoint bounds, and this program has sites "
+                              "outside plate 'data' (global latents or observations)")
+        return self
+
     @property
     def has_guide_enumeration(self) -> bool:
         return bool(self.components or self.global_components)
@@ -332,11 +340,10 @@ class _Layout:
     nested in "data" summed), a global one to ``[*enum, K]``.
     """
 
-    def __init__(self, nesting: int, particles: int, has_particle_dim: bool, has_data_plate: bool,
+    def __init__(self, nesting: int, has_particle_dim: bool, has_data_plate: bool,
                  additive: bool = False):
         self.nesting = nesting
         self.additive = additive
-        self.particles = particles
         self.has_particle_dim = has_particle_dim
         self.has_data_plate = has_data_plate
         self.right = nesting + (1 if has_particle_dim else 0)  # dims that are not enumeration
@@ -439,21 +446,6 @@ class _CheckedEnum(EnumMessenger):
 def _enum_dims_of(trace) -> set[int]:
     return {site["infer"]["_enumerate_dim"] for site in trace.nodes.values()
             if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None}
-
-
-def _check_enumeration(trace, which: str) -> None:
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        how = site["infer"].get("enumerate")
-        if how is None or site["is_observed"]:
-            continue
-        if how != "parallel":
-            raise ConfigError(f"{which} site {name!r}: enumerate={how!r} is not supported; "
-                              "use infer={'enumerate': 'parallel'}")
-        if site["infer"].get("_enumerate_dim") is None and site["fn"].has_enumerate_support:
-            raise ConfigError(f"{which} site {name!r} is marked for enumeration but was not "
-                              "enumerated")
 
 
 @contextmanager
@@ -619,15 +611,14 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
     nesting, has_data = structure
     has_particle_dim = particles > 1
     shared = shared_globals and has_data and has_particle_dim
-    layout = _Layout(nesting, particles, has_particle_dim, has_data, additive or not has_particle_dim)
+    layout = _Layout(nesting, has_particle_dim, has_data, additive or not has_particle_dim)
     first_enum_dim = -(layout.right + 1)
 
     if has_particle_dim:
         plate_type = _LocalParticlePlate if shared else PlateMessenger
         # on the data's device, so the plate does not make a tensor to find it (an upload)
-        device = next((a.device for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
         particle_plate = plate_type(name=PARTICLE_PLATE, size=particles, dim=-(nesting + 1),
-                                    device=device)
+                                    device=_data_device(args, kwargs))
     else:
         particle_plate = None
 
@@ -663,8 +654,6 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
         raise
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, layout.right)
-    _check_enumeration(guide_trace, "guide")
-    _check_enumeration(model_trace, "model")
     stopped = {}
     if stop_guide_gradient:
         stopped = _stopped_guide_log_probs(guide, in_particles(guide), guide_trace, values,
@@ -816,7 +805,7 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
                                                 data_dim_of(site), data_scale),
                                  spread=_spreader(site, layout, data_dim_of(site)))
     if reference is None:  # nothing to score: a bound of zero, as Trace_ELBO gives
-        reference = torch.zeros((), device=layout_device(args, kwargs))
+        reference = torch.zeros((), device=_data_device(args, kwargs))
     if components + global_components and (local["score"] or glob["score"]):
         raise ConfigError("a guide with both enumerated and score-function sites is not "
                           "supported; enumerate every discrete guide site or none")
@@ -955,7 +944,8 @@ def _depends_on(term: torch.Tensor, dims: set[int]) -> bool:
     return any(-d <= term.dim() and term.shape[d] > 1 for d in dims)
 
 
-def layout_device(args, kwargs) -> torch.device:
+def _data_device(args, kwargs) -> torch.device:
+    """The device of the program's first tensor argument (CPU if it has none)."""
     return next((a.device for a in (*args, *kwargs.values()) if torch.is_tensor(a)),
                 torch.device("cpu"))
 

@@ -142,7 +142,8 @@ class CoreObjective(ELBO):
 
     def per_datapoint_bound(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, float]:
         """The surrogate per datapoint, ``[batch]``, and the minibatch scale num_data / batch."""
-        weights = self.weights(model, guide, *args, **kwargs)
+        weights = self.weights(model, guide, *args, **kwargs).per_datapoint_only(
+            "per_datapoint_bound")
         self._check_supported(weights)
         return self.surrogate(weights), weights.scale
 

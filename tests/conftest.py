@@ -3,6 +3,7 @@ exactly (built by :mod:`helpers`)."""
 
 from __future__ import annotations
 
+import pyro
 import pytest
 import torch
 
@@ -25,3 +26,15 @@ def digits():
 @pytest.fixture
 def linear_gaussian() -> LinearGaussian:
     return make_linear_gaussian()
+
+
+@pytest.fixture
+def float64():
+    """float64 by default and an empty Pyro param store, for tests that compare with exact
+    answers to float precision (use with ``pytest.mark.usefixtures("float64")``)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    pyro.clear_param_store()
+    yield
+    torch.set_default_dtype(previous)
+    pyro.clear_param_store()

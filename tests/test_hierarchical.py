@@ -24,12 +24,7 @@ X = torch.tensor([0.4, -1.1, 2.3, 0.9, -0.2], dtype=torch.float64)
 N = X.shape[0]
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # float64 and a clean param store (conftest)
 
 
 def exact_log_evidence(x: torch.Tensor) -> float:

@@ -20,14 +20,7 @@ from pyro_vae.objectives import make_objective
 X = torch.tensor([0.3, -1.2, 2.0, 0.7], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    pyro.clear_param_store()
-    yield
-    torch.set_default_dtype(previous)
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("float64")  # float64 and a clean param store (conftest)
 
 
 def chain_model(x):

@@ -10,6 +10,7 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from pyro_vae import VAE, evaluate, log_weights
+from pyro_vae.errors import ConfigError
 from pyro_vae.objectives import make_objective
 
 
@@ -50,3 +51,27 @@ def test_the_elbo_of_the_scaled_program_equals_pyros(digits, particles):
     theirs = Trace_ELBO(num_particles=particles, vectorize_particles=particles > 1,
                         max_plate_nesting=1).loss(vae.model, vae.guide, x)
     assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+class GlobalShiftVAE(VAE):
+    """A VAE with a global latent shift outside plate "data" (and its guide)."""
+
+    def model(self, x, y=None, num_data=None):
+        pyro.sample("shift", pyro.distributions.Normal(0.0, 1.0))
+        return super().model(x, y, num_data)
+
+    def guide(self, x, y=None, num_data=None):
+        pyro.sample("shift", pyro.distributions.Normal(0.0, 0.5))
+        return super().guide(x, y, num_data)
+
+
+def test_per_datapoint_tools_refuse_a_program_with_global_terms(digits):
+    vae = GlobalShiftVAE(digits.data_shape, 2, hidden=(8,))
+    x = digits.val[:8]
+    with pytest.raises(ConfigError, match="^evaluation reports per-datapoint bounds.*outside "
+                                          "plate 'data'"):
+        evaluate(vae, x, particles=2)
+    with pytest.raises(ConfigError, match="per-datapoint bounds"):
+        make_objective("iwae", 3).per_datapoint_bound(vae.model, vae.guide, x)
+    # the training objective itself handles the global term
+    assert torch.isfinite(make_objective("iwae", 3).differentiable_loss(vae.model, vae.guide, x))

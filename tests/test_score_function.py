@@ -58,14 +58,7 @@ stats = pytest.importorskip("scipy.stats")  # scikit-learn, a dependency, requir
 ALPHA = 1e-3  # family-wise level of every statistical assertion in this file
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    pyro.clear_param_store()
-    yield
-    torch.set_default_dtype(previous)
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("float64")  # float64 and a clean param store (conftest)
 
 
 # -- shared statistics --------------------------------------------------------------------------
