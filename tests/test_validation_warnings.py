@@ -42,9 +42,11 @@ class ForgetfulVAE(VAE):
     """A VAE whose model has a latent site its guide does not sample."""
 
     def model(self, x, y=None, num_data=None):
-        with pyro.plate("extra", x.shape[0]):
+        pyro.module(f"{self._pyro_name}.decoder", self.decoder)
+        with self._data_plate(x, num_data):  # per datapoint, as evaluation needs
             pyro.sample("u", dist.Normal(0.0, 1.0))
-        return super().model(x, y, num_data)
+            z = pyro.sample("z", self.prior.distribution())
+            return pyro.sample("x", self.decode(z, y), obs=x)
 
 
 def test_fit_warns_once_on_its_validated_first_step(digits):
