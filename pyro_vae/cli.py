@@ -12,30 +12,14 @@ import json
 import math
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import config
 from .errors import ConfigError, PyroVAEError
-from .objectives import DEFAULT_PARTICLES
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-#: Defaults of ``pyro-vae train``; a ``--config`` TOML file and then explicit flags override them.
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "data": "digits", "prior": "normal", "likelihood": "bernoulli", "likelihood_scale": None,
-    "guide": "normal", "encoder": "mlp", "decoder": "mlp", "hidden": "256,256",
-    "latent_dim": 8, "objective": "elbo", "particles": None, "alpha": None, "beta": 1.0,
-    "anneal_steps": 0, "free_bits": 0.0,
-    "epochs": 200, "batch_size": 128, "lr": 1e-3, "device": "auto", "seed": 0, "out": None,
-    "eval_particles": 1000, "conditional": False, "levels": None,
-    "data_dir": None, "download": False, "binarize": None,
-    "prior_options": {}, "likelihood_options": {}, "guide_options": {},
-}
-#: TOML tables (and --KIND-option flags) that set a component's name and options
-_COMPONENT_SECTIONS = ("prior", "likelihood", "guide")
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line."""
@@ -44,64 +28,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _converter(parse, accept, description: str):
-    """An argparse ``type`` that parses a flag's text and refuses values outside ``accept``."""
+def _flag(kind: config.Kind):
+    """An argparse ``type`` from a schema value type (:mod:`pyro_vae.config`)."""
 
     def convert(text: str):
         try:
-            value = parse(text)
+            return kind.parse(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}") from None
-        if not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}")
-        return value
+            raise argparse.ArgumentTypeError(f"expected {kind.expected}, got {text!r}") from None
 
     return convert
 
 
-_integer = _converter(int, lambda v: True, "an integer")
-_positive_int = _converter(int, lambda v: v >= 1, "a positive integer")
-_non_negative_int = _converter(int, lambda v: v >= 0, "a non-negative integer")
-_positive_float = _converter(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
-_non_negative_float = _converter(float, lambda v: v >= 0 and math.isfinite(v),
-                                 "a non-negative number")
-_finite_float = _converter(float, math.isfinite, "a finite number")
-
-
-def _hidden(text: str | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(text, (list, tuple)):
-        parts = list(text)
-    elif not isinstance(text, str):
-        raise ConfigError(f"--hidden must be comma-separated positive integers, got {text!r}")
-    else:
-        parts = [p for p in text.replace(" ", "").split(",") if p]
-    try:
-        sizes = tuple(int(p) for p in parts)
-    except ValueError:
-        raise ConfigError(f"--hidden must be comma-separated positive integers, got {text!r}") from None
-    if not sizes or any(s < 1 for s in sizes):
-        raise ConfigError(f"--hidden must be comma-separated positive integers, got {text!r}")
-    return sizes
-
-
-#: Converters for typed options, applied to values from a --config file (flags are converted
-#: by argparse with the same functions).
-_TRAIN_TYPES = {
-    "latent_dim": _positive_int, "particles": _positive_int, "beta": _non_negative_float,
-    "alpha": _finite_float, "anneal_steps": _non_negative_int, "free_bits": _non_negative_float,
-    "epochs": _positive_int, "batch_size": _positive_int, "lr": _positive_float,
-    "seed": _integer, "eval_particles": _non_negative_int, "levels": _positive_int,
-}
-_FROM_FLAGS = set(_TRAIN_TYPES)
+_integer = _flag(config.SEED)
+_positive_int = _flag(config.POSITIVE_INT)
+_non_negative_int = _flag(config.NON_NEGATIVE_INT)
+_finite_float = _flag(config.FINITE)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .data import SPLITS
-    from .guides.posteriors import POSTERIORS
-    from .models.likelihoods import LIKELIHOODS
-    from .models.priors import PRIORS
-    from .networks import NETWORKS
-    from .objectives import OBJECTIVES
 
     parser = _Parser(prog="pyro-vae", description="Variational autoencoders as Pyro "
                      "model/guide pairs: train, evaluate and sample.")
@@ -116,61 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--json", action="store_true", help="print one JSON object")
 
     def add_model_arguments(command: argparse.ArgumentParser) -> None:
-        # None means "not given": the TOML file or TRAIN_DEFAULTS supply the value.
+        """The flags that describe a fresh model and its data, from the schema; None means
+        "not given": the TOML file, then the schema's default supply the value."""
         command.add_argument("--config", metavar="FILE.toml",
                              help="options as a TOML table; flags win")
-        command.add_argument("--data", metavar="NAME|PATH",
-                             help="digits, mnist, fashion-mnist, kmnist, or a .npy/.csv file")
-        command.add_argument("--data-dir", metavar="DIR",
-                             help="where MNIST-family data live (default $PYRO_VAE_DATA or "
-                                  "~/.cache/pyro-vae)")
-        command.add_argument("--download", action="store_true", default=None,
-                             help="download an MNIST-family data set that is not there yet")
-        command.add_argument("--binarize", choices=("static", "dynamic"),
-                             help="binary data from grey levels: sampled once, or every step")
-        command.add_argument("--prior", choices=sorted(PRIORS))
-        command.add_argument("--likelihood", choices=sorted(LIKELIHOODS))
-        command.add_argument("--likelihood-scale", metavar="S",
-                             help="normal likelihood σ: shared, per-dim, decoder, or a number")
-        command.add_argument("--guide", choices=sorted(POSTERIORS))
-        for kind in ("prior", "likelihood", "guide"):
+        config.add_arguments(command, ("data", "model"), include=("seed", "device"))
+        for kind in config.COMPONENT_SECTIONS:
             command.add_argument(f"--{kind}-option", action="append", metavar="KEY=VALUE",
                                  help=f"an option of the {kind} (repeatable; VALUE as in TOML, "
                                       f"e.g. components=3)")
-        command.add_argument("--encoder", choices=NETWORKS)
-        command.add_argument("--decoder", choices=NETWORKS)
-        command.add_argument("--hidden", metavar="400,400", help="hidden widths of mlp networks")
-        command.add_argument("--levels", type=_positive_int, metavar="L",
-                             help="levels of the categorical likelihood (default: 17 for "
-                                  "digits, else 256)")
-        command.add_argument("--conditional", action="store_true", default=None,
-                             help="a conditional VAE p(x|z,y), q(z|x,y) on the data's labels")
-        command.add_argument("--latent-dim", type=_positive_int, metavar="D")
-        command.add_argument("--seed", type=_integer, metavar="S")
-        command.add_argument("--device", metavar="auto|cpu|cuda[:i]")
 
     train = commands.add_parser("train", help="train a VAE (default: the bundled digits)",
                                 description="Train a VAE with SVI and write a run directory.")
     add_model_arguments(train)
-    train.add_argument("--objective", choices=list(OBJECTIVES))
-    train.add_argument("--particles", type=_positive_int, metavar="K",
-                       help="particles per datapoint (default 1; 5 for iwae, renyi, dreg)")
-    train.add_argument("--alpha", type=_finite_float, metavar="A",
-                       help="Rényi α for --objective renyi (default 0.5; 0 is IWAE)")
-    train.add_argument("--beta", type=_non_negative_float, metavar="B",
-                       help="weight of the latent (KL) terms; 1 is the plain bound")
-    train.add_argument("--anneal-steps", type=_non_negative_int, metavar="N",
-                       help="raise β linearly from 0 over the first N steps (KL warm-up)")
-    train.add_argument("--free-bits", type=_non_negative_float, metavar="F",
-                       help="KL floor in nats per latent dimension (elbo, meanfield)")
-    train.add_argument("--epochs", type=_positive_int, metavar="E")
-    train.add_argument("--batch-size", type=_positive_int, metavar="B")
-    train.add_argument("--lr", type=_positive_float, metavar="LR")
-    train.add_argument("--out", metavar="DIR", help="run directory (default: runs/<data>-<objective>-<time>)")
+    config.add_arguments(train, ("training", "run"), exclude=("seed", "device", "out"))
+    train.add_argument("--out", metavar="DIR", help=config.BY_NAME["out"].help)
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue RUN_DIR from its checkpoint (with --epochs: up to that many)")
-    train.add_argument("--eval-particles", type=_non_negative_int, metavar="K",
-                       help="K for the final test log-likelihood (0 skips it; default 1000)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     evaluate = commands.add_parser("evaluate", help="bounds and log-likelihood of a trained run")
@@ -239,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=_positive_int, default=64)
     sample.add_argument("--out", default="samples.png", metavar="FILE",
                         help="a .png image grid, or .npy / .csv for the raw values")
-    sample.add_argument("--seed", type=int, default=0, metavar="S")
+    sample.add_argument("--seed", type=_integer, default=0, metavar="S")
     sample.add_argument("--label", type=_non_negative_int, metavar="Y",
                         help="class to generate (conditional runs; default: cycle the classes)")
     for command in commands.choices.values():
@@ -250,94 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: TOML types of the options whose value is not a string (a string is not a boolean, 1.9 is not
-#: an integer: the file says what it means, as a flag's text cannot)
-_TOML_BOOLEANS = {"conditional", "download"}
-_TOML_INTEGERS = {"latent_dim", "particles", "anneal_steps", "epochs", "batch_size", "seed",
-                  "eval_particles", "levels"}
-_TOML_NUMBERS = {"beta", "alpha", "free_bits", "lr"}
-
-
-def _component_option(kind: str, item: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` of a ``--KIND-option`` flag; VALUE is read as a TOML value (3, 0.5, true,
-    "text"), a bare word as a string."""
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key.isidentifier():
-        raise ConfigError(f"--{kind}-option expects KEY=VALUE, got {item!r}")
-    try:
-        value = tomllib.loads(f"value = {text.strip()}")["value"]
-    except tomllib.TOMLDecodeError:
-        value = text.strip()
-    return key, value
-
-
-def _typed_toml_value(path: Path, key: str, name: str, value: Any) -> Any:
-    def refuse(expected: str):
-        raise ConfigError(f"{path}: option {key!r} expects {expected}, got {value!r}")
-
-    if name in _TOML_BOOLEANS and not isinstance(value, bool):
-        refuse("true or false")
-    if name in _TOML_INTEGERS and (isinstance(value, bool) or not isinstance(value, int)):
-        refuse("an integer")
-    if name in _TOML_NUMBERS and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        refuse("a number")
-    if name == "hidden" and not isinstance(value, str) and not (
-            isinstance(value, list) and value
-            and all(isinstance(h, int) and not isinstance(h, bool) for h in value)):
-        refuse('a list of integers or a string like "256,256"')
-    return value
-
-
 def _train_options(args: argparse.Namespace) -> dict[str, Any]:
-    options = dict(TRAIN_DEFAULTS)
-    file_names: dict[str, str] = {}
-    if args.config:
-        path = Path(args.config).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            table = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-        for key, value in table.items():
-            name = key.replace("-", "_")
-            if name in _COMPONENT_SECTIONS and isinstance(value, dict):
-                # [prior] name = "mog"  components = 3
-                section = dict(value)
-                if "name" in section:
-                    options[name] = file_names[name] = section.pop("name")
-                options[f"{name}_options"] = section
-                continue
-            if name not in options or name.endswith("_options"):
-                raise ConfigError(f"{path}: unknown option {key!r}")
-            options[name] = _typed_toml_value(path, key, name, value)
-    for name in options:
-        value = getattr(args, name, None)
-        if value is not None and not name.endswith("_options"):
-            options[name] = value
-    for kind in _COMPONENT_SECTIONS:
-        if getattr(args, kind, None) is not None and getattr(args, kind) != file_names.get(kind):
-            options[f"{kind}_options"] = {}  # the file's options belong to the component it named
-        for item in getattr(args, f"{kind}_option", None) or ():
-            key, value = _component_option(kind, item)
-            options[f"{kind}_options"] = {**options[f"{kind}_options"], key: value}
-    for name, convert in _TRAIN_TYPES.items():
-        value = options[name]
-        if value is None or (name in _FROM_FLAGS and getattr(args, name, None) is not None):
-            continue
-        try:
-            options[name] = convert(str(value)) if not isinstance(value, bool) else convert("x")
-        except argparse.ArgumentTypeError as exc:
-            raise ConfigError(f"option {name.replace('_', '-')}: {exc}") from None
-    for name in ("data", "prior", "likelihood", "guide", "encoder", "decoder", "objective",
-                 "device", "out", "data_dir", "binarize"):
-        if options[name] is not None and not isinstance(options[name], str):
-            raise ConfigError(f"option {name}: expected a string, got {options[name]!r}")
-    if options["particles"] is None and options["objective"] in DEFAULT_PARTICLES:
-        options["particles"] = DEFAULT_PARTICLES[options["objective"]]
-    options["hidden"] = _hidden(options["hidden"])
-    return options
+    """Every option of a run: the schema's defaults, the --config file, then the flags."""
+    flags = {option.name: getattr(args, option.name, None) for option in config.OPTIONS}
+    return config.resolve(flags, args.config, {kind: getattr(args, f"{kind}_option", None)
+                                               for kind in config.COMPONENT_SECTIONS})
 
 
 #: Likelihoods with a σ option (``--likelihood-scale``).
@@ -361,15 +186,16 @@ def _likelihood_options(options: dict[str, Any]) -> dict[str, Any]:
 def _resume(args: argparse.Namespace) -> int:
     from .training import resume
 
-    allowed = {"resume", "epochs", "device", "quiet", "eval_particles", "command", "threads"}
+    allowed = {"resume", "epochs", "device", "quiet", "eval_particles", "command", "threads",
+               "tensorboard"}
     given = sorted(name for name, value in vars(args).items()
-                   if value is not None and name not in allowed and value is not False)
+                   if value is not None and name not in allowed and name != "quiet")
     if given:
         raise ConfigError(f"--{given[0].replace('_', '-')} cannot change a resumed run "
-                          "(only --epochs, --device and --threads can)")
+                          "(only --epochs, --device, --tensorboard and --threads can)")
     started = time.perf_counter()
     result = resume(args.resume, epochs=args.epochs, device=args.device or "auto",
-                    progress=not args.quiet)
+                    progress=not args.quiet, callbacks=_tracking(args.tensorboard))
     if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
         return _finish_distributed()
     last = result.history[-1]
@@ -416,13 +242,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = options["out"] or (f"runs/{Path(dataset.name).stem}-{options['objective']}-"
                              f"{time.strftime('%Y%m%d-%H%M%S')}")
     started = time.perf_counter()
-    result = fit(vae, dataset, options["objective"], particles=int(options["particles"]),
-                 beta=float(options["beta"]), alpha=options["alpha"],
-                 anneal_steps=int(options["anneal_steps"]), free_bits=float(options["free_bits"]),
-                 epochs=int(options["epochs"]),
-                 batch_size=int(options["batch_size"]), lr=float(options["lr"]),
-                 seed=int(options["seed"]), device=str(options["device"]), out=out,
-                 progress=not args.quiet)
+    training = {option.name: options[option.name] for option in config.TRAINING}
+    result = fit(vae, dataset, out=out, progress=not args.quiet,
+                 callbacks=_tracking(options["tensorboard"]), **training)
     if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
         return _finish_distributed()
     last = result.history[-1]
@@ -438,6 +260,15 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"/{vae.latent_dim}")
     print(f"run directory: {result.run_dir}")
     return _finish_distributed()
+
+
+def _tracking(tensorboard: str | None) -> list:
+    """The tracking callbacks asked for on the command line."""
+    if tensorboard is None:
+        return []
+    from .tracking import TensorBoardCallback
+
+    return [TensorBoardCallback(tensorboard)]
 
 
 def _finish_distributed() -> int:
@@ -501,11 +332,10 @@ def cmd_compare_estimators(args: argparse.Namespace) -> int:
     if plot is not None and (plot.suffix.lower() != ".png" or not plot.parent.is_dir()):
         raise ConfigError(f"--plot must be a .png file in an existing directory, not {args.plot!r}")
     if args.run_dir:
-        given = [flag for flag in ("config", "prior", "likelihood", "likelihood_scale", "guide",
-                                   "prior_option", "likelihood_option", "guide_option",
-                                   "encoder", "decoder", "hidden", "latent_dim", "levels",
-                                   "conditional", "data_dir", "download", "binarize")
-                 if getattr(args, flag) is not None]
+        fresh = ["config", *(f"{kind}_option" for kind in config.COMPONENT_SECTIONS),
+                 *(option.name for option in config.OPTIONS
+                   if option.section in ("data", "model"))]
+        given = [flag for flag in fresh if getattr(args, flag) is not None]
         if given:
             raise ConfigError(f"--{given[0].replace('_', '-')} describes a fresh model; a "
                               "RUN_DIR brings its own")

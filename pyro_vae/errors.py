@@ -16,3 +16,11 @@ class DataError(PyroVAEError):
 
 class ConfigError(PyroVAEError):
     """An unknown name or an invalid option value."""
+
+
+class TrainingError(PyroVAEError):
+    """Training cannot go on (for example, the loss became NaN)."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived during training; the state at that step was checkpointed."""

@@ -18,31 +18,27 @@ def as_images(x: torch.Tensor, data_shape: Sequence[int]) -> torch.Tensor:
 
 def save_grid(x: torch.Tensor, data_shape: Sequence[int], path: str | Path, nrow: int = 8) -> Path:
     """Save datapoints as an image grid (values clamped to [0, 1], upscaled for small images)."""
-    from torchvision.utils import make_grid, save_image  # torchvision is slow to import
+    from torchvision.utils import save_image  # torchvision is slow to import
 
-    images = as_images(x.detach().float().cpu(), data_shape).clamp(0, 1)
-    if images.shape[-1] < 32 and images.shape[-2] > 1:
-        factor = max(1, 32 // images.shape[-1])
-        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
-    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
-    save_image(grid, str(path))
+    save_image(image_grid(x, data_shape, nrow), str(path))
     return Path(path)
 
 
 def save_reconstructions(vae, x: torch.Tensor, path: str | Path, n: int = 32,
                          labels: torch.Tensor | None = None) -> Path:
     """Originals (odd rows) above their reconstructions (even rows)."""
-    x = x[:n]
-    recon = vae.reconstruct(x, None if labels is None else labels[:n])
-    rows = []
-    for start in range(0, x.shape[0], 8):
-        rows.extend([x[start:start + 8], recon[start:start + 8]])
-    return save_grid(torch.cat(rows), vae.data_shape, path, nrow=8)
+    from torchvision.utils import save_image
+
+    save_image(reconstruction_grid(vae, x, n, labels), str(path))
+    return Path(path)
 
 
 def save_samples(vae, path: str | Path, n: int = 64) -> Path:
     """Decoder means of ``n`` draws from the prior."""
-    return save_grid(vae.sample(n), vae.data_shape, path, nrow=max(1, int(n ** 0.5)))
+    from torchvision.utils import save_image
+
+    save_image(sample_grid(vae, n), str(path))
+    return Path(path)
 
 
 def loss_figure(history: list[dict]) -> plt.Figure:
@@ -64,3 +60,35 @@ def save_loss(history: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+# -- the same figures as image tensors (for experiment trackers: TensorBoard, MLflow) ----------
+
+def image_grid(x: torch.Tensor, data_shape: Sequence[int], nrow: int = 8) -> torch.Tensor:
+    """Datapoints as an image grid (values clamped to [0, 1], upscaled for small images): a
+    ``[3, H, W]`` float tensor in [0, 1] on the CPU."""
+    from torchvision.utils import make_grid
+
+    images = as_images(x.detach().float().cpu(), data_shape).clamp(0, 1)
+    if images.shape[-1] < 32 and images.shape[-2] > 1:
+        factor = max(1, 32 // images.shape[-1])
+        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+    return make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+
+
+def reconstruction_grid(vae, x: torch.Tensor, n: int = 32,
+                        labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The image of :func:`save_reconstructions` (originals above their reconstructions) as a
+    ``[3, H, W]`` tensor in [0, 1]."""
+    x = x[:n]
+    recon = vae.reconstruct(x, None if labels is None else labels[:n])
+    rows = []
+    for start in range(0, x.shape[0], 8):
+        rows.extend([x[start:start + 8], recon[start:start + 8]])
+    return image_grid(torch.cat(rows), vae.data_shape, nrow=8)
+
+
+def sample_grid(vae, n: int = 64) -> torch.Tensor:
+    """The image of :func:`save_samples` (decoder means of ``n`` prior draws) as a
+    ``[3, H, W]`` tensor in [0, 1]."""
+    return image_grid(vae.sample(n), vae.data_shape, nrow=max(1, int(n ** 0.5)))
