@@ -27,6 +27,9 @@ Hooks (every one optional; each receives the trainer, whose public attributes ar
 - ``on_fit_end(trainer, error)``: always, last; ``error`` is the exception that ends training,
   or ``None``.
 
+A callback ends training cleanly after the current epoch by setting
+``trainer.stop_requested = True`` (as :class:`EarlyStopping` does).
+
 Under torchrun every rank calls every hook at the same point; a callback that writes files
 checks ``trainer.context.is_main``.
 """
@@ -39,7 +42,7 @@ import threading
 from typing import Any
 
 from . import runs
-from .errors import TrainingError, TrainingInterrupted
+from .errors import ConfigError, TrainingError, TrainingInterrupted
 
 
 class Callback:
@@ -158,6 +161,41 @@ class SignalStop(Callback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+class EarlyStopping(Callback):
+    """Ends training cleanly when the validation ELBO has not improved by more than
+    ``min_delta`` nats per datapoint for ``patience`` epochs (the run directory, figures and
+    checkpoint are those of the last epoch trained; ``resume`` can continue it)."""
+
+    def __init__(self, patience: int = 10, min_delta: float = 0.0):
+        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+            raise ConfigError(f"EarlyStopping: patience must be a positive integer, not "
+                              f"{patience!r}")
+        if not (isinstance(min_delta, (int, float)) and min_delta >= 0
+                and math.isfinite(min_delta)):
+            raise ConfigError(f"EarlyStopping: min_delta must be a non-negative number, not "
+                              f"{min_delta!r}")
+        self.patience, self.min_delta = patience, float(min_delta)
+        self.best = -math.inf
+        self.stale = 0
+        self.stopped_epoch: int | None = None
+
+    def on_fit_start(self, trainer) -> None:
+        for row in trainer.history:  # a resumed run: its epochs so far count
+            self._update(row["val_elbo"])
+
+    def _update(self, value: float) -> None:
+        if value > self.best + self.min_delta:
+            self.best, self.stale = value, 0
+        else:
+            self.stale += 1
+
+    def on_epoch_end(self, trainer, row: dict[str, Any]) -> None:
+        self._update(row["val_elbo"])
+        if self.stale >= self.patience:
+            trainer.stop_requested = True
+            self.stopped_epoch = row["epoch"]
 
 
 def default_callbacks(progress: bool = True) -> list[Callback]:

@@ -101,6 +101,9 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.num_data / config.batch_size)
         self.batch: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the last one
         self._loss_sum: torch.Tensor | None = None
+        #: set by a callback (``trainer.stop_requested = True``) to end training cleanly after
+        #: the current epoch, as if ``epochs`` had been reached (see ``EarlyStopping``)
+        self.stop_requested = False
         # Minibatch indices live where the rows are read: on the device for in-memory data, on
         # the host for memory-mapped rows (read there, so a device-side order would be copied
         # back every step, a synchronisation on a GPU); pinned on CUDA so that the labels'
@@ -172,7 +175,7 @@ class Trainer:
         binarize = self.dataset.dynamic_binarization
         started = time.perf_counter()
         validate_next = True  # validate the first step of this process, then run fast
-        while state.epoch <= config.epochs:
+        while state.epoch <= config.epochs and not self.stop_requested:
             epoch_start = time.perf_counter()
             if state.order is None:
                 state.order = self._placed(torch.randperm(num_data, generator=self.order_generator))
