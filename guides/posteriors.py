@@ -1,31 +1,46 @@
-"""Posterior families q_φ(z|x), amortized by an encoder network.
+r"""Posterior families :math:`q_\phi(z \mid x)`, amortized by an encoder network.
 
 Protocol: a guide family is an ``nn.Module`` with
 
 - ``encoder_outputs(latent_dim) -> int``: how many numbers the encoder emits per datapoint;
 - ``setup(latent_dim)``: called once by the VAE (create learned parameters here);
-- ``distribution(encoder_output)``: a Pyro distribution over z with
+- ``distribution(encoder_output)``: a Pyro distribution over :math:`z` with
   ``event_shape == (latent_dim,)`` and the encoder output's leading dimensions as batch shape;
 - optionally ``name`` and ``options()`` as for priors;
 - optionally ``has_rsample`` (default true): false when the distribution has no
-  reparameterized sampler, so gradients for φ must come from a score-function estimator;
+  reparameterized sampler, so gradients for :math:`\phi` must come from a score-function
+  estimator;
 - optionally ``infer`` (default ``{}``): the ``infer`` dict of the guide's ``"z"`` site, e.g.
   ``{"enumerate": "parallel"}`` to have the site summed out exactly instead of sampled.
 
 The catalogue (``POSTERIORS``):
 
-=======================  ========================================================  ================
-name                     q(z|x)                                                    encoder outputs
-=======================  ========================================================  ================
-``normal``               N(μ(x), diag σ(x)²)                                       2d
-``full-rank``            N(μ(x), L(x) L(x)ᵀ), L lower triangular                   d + d(d+1)/2
-``flow``                 N(μ(x), diag σ(x)²) through ``layers`` conditional IAFs   2d + ``context``
-``categorical``          OneHotCategorical(logits(x)); ``enumerate``: summed out   d
-``relaxed-categorical``  RelaxedOneHotCategorical(``temperature``, logits(x))      d
-=======================  ========================================================  ================
+.. list-table::
+   :header-rows: 1
+
+   * - name
+     - :math:`q(z \mid x)`
+     - encoder outputs
+   * - ``normal``
+     - :math:`\mathcal{N}(\mu(x), \operatorname{diag} \sigma(x)^2)`
+     - :math:`2d`
+   * - ``full-rank``
+     - :math:`\mathcal{N}(\mu(x), L(x) L(x)^\top)`, :math:`L` lower triangular
+     - :math:`d + d(d+1)/2`
+   * - ``flow``
+     - :math:`\mathcal{N}(\mu(x), \operatorname{diag} \sigma(x)^2)` through ``layers`` conditional
+       IAFs
+     - :math:`2d` + ``context``
+   * - ``categorical``
+     - :math:`\mathrm{OneHotCategorical}(\text{logits}(x))`; ``enumerate``: summed out
+     - :math:`d`
+   * - ``relaxed-categorical``
+     - :math:`\mathrm{RelaxedOneHotCategorical}(\tau, \text{logits}(x))`, :math:`\tau` =
+       ``temperature``
+     - :math:`d`
 
 The ``categorical`` and ``relaxed-categorical`` guides pair with the priors of the same name
-(see ``pyro_vae.models.priors``); d is then the number of categories.
+(see ``pyro_vae.models.priors``); :math:`d` is then the number of categories.
 
 Importing this module also registers the closed-form KL between a full-rank Gaussian and a
 diagonal Gaussian (``Independent(Normal, 1)``), so ``meanfield`` works for ``full-rank`` with
@@ -76,9 +91,10 @@ def _positive_int(what: str, value) -> int:
 
 
 class DiagonalNormal(nn.Module):
-    """q(z|x) = N(μ_φ(x), diag(σ_φ(x)²)), with σ = softplus(·) + ``min_scale``.
+    r""":math:`q(z \mid x) = \mathcal{N}(\mu_\phi(x), \operatorname{diag}(\sigma_\phi(x)^2))`, with
+    :math:`\sigma = \operatorname{softplus}(\cdot)` + ``min_scale``.
 
-    The floor keeps log q finite when the encoder drives a scale towards zero.
+    The floor keeps :math:`\log q` finite when the encoder drives a scale towards zero.
     """
 
     name = "normal"
@@ -104,11 +120,14 @@ class DiagonalNormal(nn.Module):
 
 
 class FullRankNormal(nn.Module):
-    """q(z|x) = N(μ_φ(x), L_φ(x) L_φ(x)ᵀ) with a full lower-triangular Cholesky factor L.
+    r""":math:`q(z \mid x) = \mathcal{N}(\mu_\phi(x), L_\phi(x) L_\phi(x)^\top)` with a full
+    lower-triangular Cholesky factor :math:`L`.
 
-    The encoder emits d + d(d+1)/2 numbers per datapoint: μ, then the lower triangle of L row
-    by row (``torch.tril_indices`` order: L₀₀, L₁₀, L₁₁, L₂₀, …). Diagonal entries go through
-    softplus(·) + ``min_scale`` (positive, so L is a valid Cholesky factor); off-diagonal
+    The encoder emits :math:`d + d(d+1)/2` numbers per datapoint: :math:`\mu`, then the lower
+    triangle of :math:`L` row by row (``torch.tril_indices`` order:
+    :math:`L_{00}, L_{10}, L_{11}, L_{20}, \dots`). Diagonal entries go through
+    :math:`\operatorname{softplus}(\cdot)` + ``min_scale`` (positive, so :math:`L` is a valid
+    Cholesky factor); off-diagonal
     entries are used as they are. It can represent any Gaussian posterior, e.g. the exact one
     of a linear-Gaussian model with correlated latents.
     """
@@ -181,30 +200,33 @@ class _ConditionalAffineAutoregressive(T.ConditionalAffineAutoregressive):
 
 
 class FlowGuide(nn.Module):
-    """q(z|x): a diagonal Gaussian N(μ_φ(x), diag σ_φ(x)²) pushed through ``layers`` inverse
-    autoregressive flows (Kingma et al. 2016) conditioned on a context vector h_φ(x).
+    r""":math:`q(z \mid x)`: a diagonal Gaussian
+    :math:`\mathcal{N}(\mu_\phi(x), \operatorname{diag} \sigma_\phi(x)^2)` pushed through
+    ``layers`` inverse autoregressive flows (Kingma et al. 2016) conditioned on a context vector
+    :math:`h_\phi(x)`.
 
-    The encoder emits 2d + ``context`` numbers per datapoint: μ, the raw scale (σ = softplus(·)
-    + ``min_scale``), and h. Each layer is Pyro's ``ConditionalAffineAutoregressive``,
-    z_i ↦ m_i(z_<i, h) + s_i(z_<i, h)·z_i, with a masked network (one hidden ReLU layer of
-    ``hidden`` units reading [h, z], plus a masked linear skip connection, so that a linear
-    dependence on z_<i is exact) in the natural order of z, dimensions reversed between
-    layers. Each layer starts close to the identity map (its output weights are scaled by
-    ``INITIAL_OUTPUT_SCALE``, its output bias is zero), so training starts near the diagonal
-    Gaussian and moves away only as far as the bound gains.
+    The encoder emits :math:`2d` + ``context`` numbers per datapoint: :math:`\mu`, the raw scale
+    (:math:`\sigma = \operatorname{softplus}(\cdot)` + ``min_scale``), and :math:`h`. Each layer is
+    Pyro's ``ConditionalAffineAutoregressive``,
+    :math:`z_i \mapsto m_i(z_{<i}, h) + s_i(z_{<i}, h)\, z_i`, with a masked network (one hidden
+    ReLU layer of ``hidden`` units reading :math:`[h, z]`, plus a masked linear skip connection, so
+    that a linear dependence on :math:`z_{<i}` is exact) in the natural order of :math:`z`,
+    dimensions reversed between layers. Each layer starts close to the identity map (its output
+    weights are scaled by ``INITIAL_OUTPUT_SCALE``, its output bias is zero), so training starts
+    near the diagonal Gaussian and moves away only as far as the bound gains.
 
-    Sampling is one parallel pass per layer, and the density of the guide's own samples reuses
-    the transforms' cache; scoring other points (as STL and DReG do, re-scoring the same z with
-    the parameters detached) runs the exact sequential inverse, d network passes per layer,
-    without reading anything back from the device (:class:`_AffineAutoregressive`). The
-    context broadcasts over particles: z ``[K, B, d]`` against h ``[B, context]``.
+    Sampling is one parallel pass per layer, and the density of the guide's own samples reuses the
+    transforms' cache; scoring other points (as STL and DReG do, re-scoring the same z with the
+    parameters detached) runs the exact sequential inverse, :math:`d` network passes per layer,
+    without reading anything back from the device (``_AffineAutoregressive``). The context
+    broadcasts over particles: :math:`z` ``[K, B, d]`` against :math:`h` ``[B, context]``.
 
     ``.mean`` has no closed form (callers fall back to sample means). There is no closed-form
     KL to any prior, so ``meanfield`` refuses this guide.
 
-    Needs latent_dim ≥ 2: for d = 1 an autoregressive transform has nothing to condition on but
-    h(x), and the family is again a Gaussian with x-dependent mean and scale, i.e. the
-    ``normal`` guide; it is refused with that advice.
+    Needs ``latent_dim`` ≥ 2: for :math:`d = 1` an autoregressive transform has nothing to condition
+    on but :math:`h(x)`, and the family is again a Gaussian with x-dependent mean and scale, i.e.
+    the ``normal`` guide; it is refused with that advice.
     """
 
     name = "flow"
@@ -259,16 +281,20 @@ class FlowGuide(nn.Module):
 
 
 class CategoricalGuide(nn.Module):
-    """q(z|x) = OneHotCategorical(softmax(g_φ(x))) over the d = latent_dim one-hot vectors; the
-    encoder output is the logits.
+    r""":math:`q(z \mid x) = \mathrm{OneHotCategorical}(\operatorname{softmax}(g_\phi(x)))` over the
+    :math:`d` = ``latent_dim`` one-hot vectors; the encoder output is the logits.
 
-    z is discrete, so the family has no reparameterized sampler (``has_rsample = False``): the
-    gradient for φ comes from the score-function estimator, ∇φ E_q[f] = E_q[f ∇φ log q], whose
+    :math:`z` is discrete, so the family has no reparameterized sampler
+    (``has_rsample = False``): the gradient for :math:`\phi` comes from the score-function
+    estimator, :math:`\nabla_\phi \mathbb{E}_q[f] = \mathbb{E}_q[f\, \nabla_\phi \log q]`, whose
     variance the objectives must reduce (baselines, control variates). With ``enumerate`` true
     the ``"z"`` site carries ``infer = {"enumerate": "parallel"}``: enumeration-aware objectives
-    (Pyro's ``TraceEnum_ELBO``) then sum over the d values exactly,
-    ELBO(x) = Σ_c q(c|x) [log p(c) + log p(x|c) − log q(c|x)], with no sampling variance at the
-    cost of d decoder passes.
+    (Pyro's ``TraceEnum_ELBO``) then sum over the :math:`d` values exactly,
+
+    .. math:: \mathrm{ELBO}(x) = \sum_c q(c \mid x)\,
+              \big[\log p(c) + \log p(x \mid c) - \log q(c \mid x)\big],
+
+    with no sampling variance at the cost of :math:`d` decoder passes.
     """
 
     name = "categorical"
@@ -293,17 +319,19 @@ class CategoricalGuide(nn.Module):
 
 
 class RelaxedCategoricalGuide(nn.Module):
-    """q(z|x) = RelaxedOneHotCategorical(τ, logits = g_φ(x)), the Concrete / Gumbel-softmax
-    relaxation of the ``categorical`` guide (Maddison et al. 2017; Jang et al. 2017) on the open
-    simplex, τ = ``temperature`` > 0 (default 0.5):
-    z = softmax((g_φ(x) + G) / τ), G_c i.i.d. Gumbel(0, 1).
+    r""":math:`q(z \mid x) = \mathrm{RelaxedOneHotCategorical}(\tau, \text{logits} = g_\phi(x))`,
+    the Concrete / Gumbel-softmax relaxation of the ``categorical`` guide (Maddison et al. 2017;
+    Jang et al. 2017) on the open simplex, :math:`\tau` = ``temperature`` > 0 (default 0.5):
+    :math:`z = \operatorname{softmax}((g_\phi(x) + G) / \tau)`, :math:`G_c` i.i.d.
+    :math:`\mathrm{Gumbel}(0, 1)`.
 
     Reparameterized, so pathwise gradients flow to the encoder. The bound it gives is that of
     the relaxed model (pair with the ``relaxed-categorical`` prior), not of the discrete one;
-    small τ makes it closer at the price of higher gradient variance.
+    small :math:`\tau` makes it closer at the price of higher gradient variance.
 
-    .. warning:: ``.mean`` has no closed form (callers fall back to sample means); at small τ
-       a coordinate of z can underflow to 0 in float32, where log q(z|x) is −∞.
+    .. warning:: ``.mean`` has no closed form (callers fall back to sample means); at small
+       :math:`\tau` a coordinate of :math:`z` can underflow to 0 in float32, where
+       :math:`\log q(z \mid x)` is :math:`-\infty`.
     """
 
     name = "relaxed-categorical"
@@ -351,6 +379,7 @@ def _kl_mvn_diagonal_normal(q: MultivariateNormal, p: Independent) -> torch.Tens
     return kl.expand(torch.broadcast_shapes(q.batch_shape, p.batch_shape))
 
 
+#: The built-in guide families by name (the ``guide=`` names of :class:`pyro_vae.VAE`).
 POSTERIORS: dict[str, type[nn.Module]] = {
     "normal": DiagonalNormal,
     "full-rank": FullRankNormal,
@@ -358,4 +387,5 @@ POSTERIORS: dict[str, type[nn.Module]] = {
     "categorical": CategoricalGuide,
     "relaxed-categorical": RelaxedCategoricalGuide,
 }
+#: The methods every guide family must have.
 PROTOCOL = ("encoder_outputs", "setup", "distribution")

@@ -1,4 +1,5 @@
-"""Likelihoods p_θ(x|z): a distribution over one datapoint x given the decoder output at z.
+r"""Likelihoods :math:`p_\theta(x \mid z)`: a distribution over one datapoint :math:`x` given the
+decoder output at :math:`z`.
 
 Protocol: a likelihood is an ``nn.Module`` with
 
@@ -10,8 +11,9 @@ Protocol: a likelihood is an ``nn.Module`` with
   outside the distribution's support;
 - optionally ``name`` and ``options()`` as for priors.
 
-A likelihood with k parameters per dimension has the decoder emit k·D numbers laid out in
-blocks (block-major): ``decoder_output[..., j*D:(j+1)*D]`` is parameter block j.
+A likelihood with :math:`k` parameters per dimension has the decoder emit :math:`k \cdot D`
+numbers laid out in blocks (block-major): ``decoder_output[..., j*D:(j+1)*D]`` is parameter block
+:math:`j`.
 
 Image grids and reconstructions use ``distribution(...).mean``.
 
@@ -22,7 +24,7 @@ name                       blocks      data
 =========================  ==========  =====================================================
 ``bernoulli``              1           [0, 1] (binary; grey levels by the BCE convention)
 ``continuous-bernoulli``   1           [0, 1]
-``beta``                   2           [0, 1], clamped into [ε, 1 − ε]
+``beta``                   2           [0, 1], clamped into :math:`[\epsilon, 1 - \epsilon]`
 ``categorical``            ``levels``  [0, 1], rounded to ``levels`` evenly spaced levels
 ``normal``                 1 or 2      real
 ``laplace``                1 or 2      real
@@ -44,10 +46,11 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 
-#: Smallest scale (σ of a Normal, b of a Laplace) a learned scale can reach (keeps densities
-#: finite).
+#: Smallest scale (:math:`\sigma` of a Normal, :math:`b` of a Laplace) a learned scale can reach
+#: (keeps densities finite).
 MIN_SCALE = 1e-3
-#: Smallest concentration (Beta α and β, negative-binomial total count) from the decoder.
+#: Smallest concentration (Beta :math:`\alpha` and :math:`\beta`, negative-binomial total count)
+#: from the decoder.
 MIN_CONCENTRATION = 1e-3
 #: Smallest Poisson rate from the decoder (log_prob stays finite for every count).
 MIN_RATE = 1e-6
@@ -86,15 +89,17 @@ def _blocks(decoder_output: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
 
 
 # -- distributions ------------------------------------------------------------------------------
-#: Beta data are clamped into [BETA_EPSILON, 1 − BETA_EPSILON] before scoring (see ``Beta``).
+#: Beta data are clamped into ``[BETA_EPSILON, 1 - BETA_EPSILON]`` before scoring (see ``Beta``).
 BETA_EPSILON = 1e-3
 
 
 class ClampedBeta(dist.Beta):
-    """A Beta distribution whose ``log_prob`` first clamps the value into [ε, 1 − ε].
+    r"""A Beta distribution whose ``log_prob`` first clamps the value into
+    :math:`[\epsilon, 1 - \epsilon]`.
 
     Sampling, ``mean`` and ``variance`` are those of the plain Beta; only the scoring of data
-    at (or within ε of) 0 and 1 changes, where a Beta density is 0 or infinite. ε is the class
+    at (or within :math:`\epsilon` of) 0 and 1 changes, where a Beta density is 0 or infinite.
+    :math:`\epsilon` is the class
     attribute ``EPSILON`` (no custom ``__init__``, so torch's ``expand`` keeps working)."""
 
     EPSILON = BETA_EPSILON
@@ -106,12 +111,14 @@ class ClampedBeta(dist.Beta):
 
 
 class DiscretizedUnitInterval(dist.TorchDistribution):
-    """A categorical distribution over the L evenly spaced levels 0, 1/(L−1), …, 1 of [0, 1].
+    r"""A categorical distribution over the :math:`L` evenly spaced levels
+    :math:`0, \frac{1}{L-1}, \dots, 1` of :math:`[0, 1]`.
 
-    ``logits[..., l]`` is the (unnormalized) log-probability of level l; the batch shape is
-    ``logits.shape[:-1]`` and the event shape is ``()`` (use ``.to_event`` for vectors).
-    A value v is scored at level ``round(v · (L − 1))`` (ties to even, as ``torch.round``), so
-    any value in [0, 1] is accepted and quantized; ``sample()`` returns ``level / (L − 1)``.
+    ``logits[..., l]`` is the (unnormalized) log-probability of level :math:`l`; the batch shape
+    is ``logits.shape[:-1]`` and the event shape is ``()`` (use ``.to_event`` for vectors).
+    A value :math:`v` is scored at level :math:`\operatorname{round}(v \cdot (L - 1))` (ties to
+    even, as ``torch.round``), so any value in :math:`[0, 1]` is accepted and quantized;
+    ``sample()`` returns :math:`\text{level} / (L - 1)`.
     """
 
     arg_constraints = {"logits": constraints.real_vector}
@@ -135,7 +142,7 @@ class DiscretizedUnitInterval(dist.TorchDistribution):
 
     @property
     def grid(self) -> torch.Tensor:
-        """The L level values l / (L − 1)."""
+        r"""The :math:`L` level values :math:`l / (L - 1)`."""
         return torch.linspace(0.0, 1.0, self.levels, dtype=self.logits.dtype,
                               device=self.logits.device)
 
@@ -149,7 +156,8 @@ class DiscretizedUnitInterval(dist.TorchDistribution):
         return new
 
     def level_of(self, value: torch.Tensor) -> torch.Tensor:
-        """The level index of each value: round(v · (L − 1)), clamped to [0, L − 1]."""
+        r"""The level index of each value: :math:`\operatorname{round}(v \cdot (L - 1))`, clamped to
+        :math:`[0, L - 1]`."""
         return torch.round(value * (self.levels - 1)).clamp(0, self.levels - 1).long()
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -179,7 +187,8 @@ class DiscretizedUnitInterval(dist.TorchDistribution):
 
 # -- likelihoods on [0, 1] ----------------------------------------------------------------------
 class Bernoulli(nn.Module):
-    """x_d ~ Bernoulli(sigmoid(f_θ(z)_d)), independently over dimensions.
+    r""":math:`x_d \sim \mathrm{Bernoulli}(\operatorname{sigmoid}(f_\theta(z)_d))`, independently
+    over dimensions.
 
     .. warning:: For data in [0, 1] that are not binary (grey levels) the "log-likelihood" is the
        negative binary cross-entropy, the usual VAE convention, not the log of a normalized
@@ -207,8 +216,9 @@ class Bernoulli(nn.Module):
 
 
 class ContinuousBernoulli(nn.Module):
-    """x_d ~ ContinuousBernoulli(λ = sigmoid(f_θ(z)_d)), a normalized density on [0, 1]
-    (Loaiza-Ganem & Cunningham 2019)."""
+    r""":math:`x_d \sim \mathrm{ContinuousBernoulli}(\lambda_d)` with
+    :math:`\lambda_d = \operatorname{sigmoid}(f_\theta(z)_d)`, a normalized density on
+    :math:`[0, 1]` (Loaiza-Ganem & Cunningham 2019)."""
 
     name = "continuous-bernoulli"
 
@@ -229,17 +239,19 @@ class ContinuousBernoulli(nn.Module):
 
 
 class Beta(nn.Module):
-    """x_d ~ Beta(α_d(z), β_d(z)): the decoder emits 2 blocks (α's, then β's), each mapped to
-    ``softplus(raw) + MIN_CONCENTRATION``.
+    r""":math:`x_d \sim \mathrm{Beta}(\alpha_d(z), \beta_d(z))`: the decoder emits 2 blocks
+    (:math:`\alpha`'s, then :math:`\beta`'s), each mapped to ``softplus(raw) + MIN_CONCENTRATION``.
 
-    A Beta density at exactly 0 or 1 is 0 or infinite, and data in [0, 1] (such as the digits'
-    background pixels) sit there, so data are clamped into [ε, 1 − ε] with
-    ``EPSILON = 1e-3`` before scoring (by :class:`ClampedBeta`). Why 1e-3: it is far below half
-    the spacing of 8-bit (1/255) or 17-level (1/16) grey levels, so no two distinct levels
-    merge and their order is kept; 1 − ε is exact enough in float32; and log ε ≈ −6.9 keeps the
-    gradients at the edges moderate. The scores are those of the slightly moved data: a density,
-    not comparable with the probabilities of the discrete likelihoods (``bernoulli``,
-    ``categorical``), and it can grow without bound when the decoder concentrates at ε.
+    A Beta density at exactly 0 or 1 is 0 or infinite, and data in :math:`[0, 1]` (such as the
+    digits' background pixels) sit there, so data are clamped into
+    :math:`[\epsilon, 1 - \epsilon]` with ``EPSILON = 1e-3`` before scoring (by
+    :class:`ClampedBeta`). Why 1e-3: it is far below half the spacing of 8-bit (1/255) or
+    17-level (1/16) grey levels, so no two distinct levels merge and their order is kept;
+    :math:`1 - \epsilon` is exact enough in float32; and :math:`\log \epsilon \approx -6.9` keeps
+    the gradients at the edges moderate. The scores are those of the slightly moved data: a
+    density, not comparable with the probabilities of the discrete likelihoods (``bernoulli``,
+    ``categorical``), and it can grow without bound when the decoder concentrates at
+    :math:`\epsilon`.
     """
 
     name = "beta"
@@ -264,13 +276,15 @@ class Beta(nn.Module):
 
 
 class Categorical(nn.Module):
-    """x_d takes one of ``levels`` evenly spaced values 0, 1/(L−1), …, 1, with probabilities
-    softmax over the decoder's L logits for dimension d (a "256-way softmax" likelihood).
+    r""":math:`x_d` takes one of :math:`L` = ``levels`` evenly spaced values
+    :math:`0, \frac{1}{L-1}, \dots, 1`, with probabilities softmax over the decoder's :math:`L`
+    logits for dimension :math:`d` (a "256-way softmax" likelihood).
 
-    The decoder emits L blocks of D logits (block-major: block l holds the logits of level l
-    for every dimension). A value v is scored at level round(v·(L−1)); for the digits (values
-    k/16) ``levels=17`` is exact, the default 256 suits 8-bit images. The log-likelihood is a
-    log-probability (≤ 0), comparable across models of the same ``levels``.
+    The decoder emits :math:`L` blocks of :math:`D` logits (block-major: block :math:`l` holds
+    the logits of level :math:`l` for every dimension). A value :math:`v` is scored at level
+    :math:`\operatorname{round}(v \cdot (L - 1))`; for the digits (values :math:`k/16`)
+    ``levels=17`` is exact, the default 256 suits 8-bit images. The log-likelihood is a
+    log-probability (:math:`\le 0`), comparable across models of the same ``levels``.
     """
 
     name = "categorical"
@@ -314,7 +328,8 @@ class Categorical(nn.Module):
 
 # -- location-scale likelihoods for real data ---------------------------------------------------
 class LocationScale(nn.Module):
-    """x ~ family(f_θ(z), scale), independently over dimensions; subclasses set ``name`` and
+    r""":math:`x \sim \text{family}(f_\theta(z), \text{scale})`, independently over dimensions;
+    subclasses set ``name`` and
     ``family`` (a Pyro location-scale distribution class taking ``(loc, scale)``).
 
     ``scale`` chooses the scale:
@@ -394,16 +409,18 @@ class LocationScale(nn.Module):
 
 
 class Normal(LocationScale):
-    """x ~ N(f_θ(z), diag(σ²)); ``scale`` is σ (see :class:`LocationScale` for the options)."""
+    r""":math:`x \sim \mathcal{N}(f_\theta(z), \operatorname{diag}(\sigma^2))`; ``scale`` is
+    :math:`\sigma` (see :class:`LocationScale` for the options)."""
 
     name = "normal"
     family = dist.Normal
 
 
 class Laplace(LocationScale):
-    """x_d ~ Laplace(f_θ(z)_d, b), density exp(−|x − μ|/b) / (2b): heavier tails than the
-    Normal, an L1 reconstruction error. ``scale`` is b (standard deviation √2·b); the options
-    are those of :class:`LocationScale`."""
+    r""":math:`x_d \sim \mathrm{Laplace}(f_\theta(z)_d, b)`, density
+    :math:`\exp(-|x - \mu|/b) / (2b)`: heavier tails than the Normal, an L1 reconstruction error.
+    ``scale`` is :math:`b` (standard deviation :math:`\sqrt 2\, b`); the options are those of
+    :class:`LocationScale`."""
 
     name = "laplace"
     family = dist.Laplace
@@ -411,8 +428,9 @@ class Laplace(LocationScale):
 
 # -- likelihoods for counts ---------------------------------------------------------------------
 class Poisson(nn.Module):
-    """x_d ~ Poisson(softplus(f_θ(z)_d) + MIN_RATE), for non-negative integer counts
-    (stored as floats: 3.0 is the count 3)."""
+    r""":math:`x_d \sim \mathrm{Poisson}(\operatorname{softplus}(f_\theta(z)_d) + c)`,
+    :math:`c` = ``MIN_RATE``, for non-negative integer counts (stored as floats: 3.0 is the count
+    3)."""
 
     name = "poisson"
 
@@ -433,11 +451,13 @@ class Poisson(nn.Module):
 
 
 class NegativeBinomial(nn.Module):
-    """x_d ~ NegativeBinomial(r_d(z), logits_d(z)) for over-dispersed counts: the decoder emits 2
-    blocks, r = softplus(block 0) + MIN_CONCENTRATION and the logits = block 1.
+    r""":math:`x_d \sim \mathrm{NegativeBinomial}(r_d(z), \text{logits}_d(z))` for over-dispersed
+    counts: the decoder emits 2 blocks, :math:`r = \operatorname{softplus}(\text{block } 0) + c`
+    (:math:`c` = ``MIN_CONCENTRATION``) and the logits = block 1.
 
-    torch's parametrization: the number of successes before r failures, success probability
-    p = sigmoid(logits); mean r·p/(1−p) = r·exp(logits), variance mean/(1−p)."""
+    torch's parametrization: the number of successes before :math:`r` failures, success
+    probability :math:`p = \operatorname{sigmoid}(\text{logits})`; mean
+    :math:`r p / (1 - p) = r \exp(\text{logits})`, variance :math:`\text{mean} / (1 - p)`."""
 
     name = "negative-binomial"
 
@@ -459,6 +479,7 @@ class NegativeBinomial(nn.Module):
         return {}
 
 
+#: The built-in likelihoods by name (the ``likelihood=`` names of :class:`pyro_vae.VAE`).
 LIKELIHOODS: dict[str, type[nn.Module]] = {
     "bernoulli": Bernoulli,
     "continuous-bernoulli": ContinuousBernoulli,
@@ -469,4 +490,5 @@ LIKELIHOODS: dict[str, type[nn.Module]] = {
     "poisson": Poisson,
     "negative-binomial": NegativeBinomial,
 }
+#: The methods every likelihood must have.
 PROTOCOL = ("decoder_outputs", "setup", "distribution", "check_support")

@@ -1,9 +1,9 @@
-"""Priors p(z).
+r"""Priors :math:`p(z)`.
 
 Protocol: a prior is an ``nn.Module`` with
 
 - ``setup(latent_dim)``: called once by the VAE before use (create parameters here);
-- ``distribution()``: a Pyro distribution over z with ``event_shape == (latent_dim,)`` and
+- ``distribution()``: a Pyro distribution over :math:`z` with ``event_shape == (latent_dim,)`` and
   empty batch shape (the VAE broadcasts it over the data plate and particles);
 - optionally ``bind(vae)``: called once the VAE's networks exist, for priors built from them
   (a VampPrior encodes pseudo-inputs); keep a bound method or a weak reference, never the VAE
@@ -13,30 +13,52 @@ Protocol: a prior is an ``nn.Module`` with
 
 The catalogue (``PRIORS``):
 
-=======================  =========================================================  ================
-name                     p(z)                                                       ``meanfield``
-=======================  =========================================================  ================
-``normal``               N(0, I)                                                    yes
-``learned-normal``       N(μ, diag σ²), μ and σ trained                             yes
-``laplace``              Π_d Laplace(0, ``scale``)                                  ``normal`` guide
-``studentt``             Π_d StudentT(``df``, 0, 1)                                 no
-``mog``                  mixture of ``components`` trained diagonal Gaussians       no
-``vamp``                 VampPrior: (1/K) Σ_k q(z | u_k), K = ``components``        no
-``flow``                 N(0, I) pushed through ``layers`` trained coupling layers  no
-``categorical``          one-hot z over latent_dim categories; uniform or ``learn``  ``categorical``
-``relaxed-categorical``  Concrete / Gumbel-softmax at ``temperature``, uniform      no
-=======================  =========================================================  ================
+.. list-table::
+   :header-rows: 1
 
-The ``meanfield`` column says with which guides a closed-form KL(q‖p) exists: "yes" means the
+   * - name
+     - :math:`p(z)`
+     - ``meanfield``
+   * - ``normal``
+     - :math:`\mathcal{N}(0, I)`
+     - yes
+   * - ``learned-normal``
+     - :math:`\mathcal{N}(\mu, \operatorname{diag} \sigma^2)`, :math:`\mu` and :math:`\sigma`
+       trained
+     - yes
+   * - ``laplace``
+     - :math:`\prod_d \mathrm{Laplace}(0, b)`, :math:`b` = ``scale``
+     - ``normal`` guide
+   * - ``studentt``
+     - :math:`\prod_d \mathrm{StudentT}(\nu, 0, 1)`, :math:`\nu` = ``df``
+     - no
+   * - ``mog``
+     - mixture of ``components`` trained diagonal Gaussians
+     - no
+   * - ``vamp``
+     - VampPrior: :math:`\frac{1}{K} \sum_k q(z \mid u_k)`, K = ``components``
+     - no
+   * - ``flow``
+     - :math:`\mathcal{N}(0, I)` pushed through ``layers`` trained coupling layers
+     - no
+   * - ``categorical``
+     - one-hot :math:`z` over ``latent_dim`` categories; uniform or ``learn``
+     - ``categorical``
+   * - ``relaxed-categorical``
+     - Concrete / Gumbel-softmax at ``temperature``, uniform
+     - no
+
+The ``meanfield`` column says with which guides a closed-form :math:`\mathrm{KL}(q \,\|\, p)`
+exists: "yes" means the
 ``normal`` and ``full-rank`` guides (not ``flow``); the ``categorical`` pair has torch's
 registered KL between two one-hot categoricals. Elsewhere ``meanfield`` refuses; ``elbo``,
-``iwae``, ``renyi``, ``dreg`` and ``stl`` need only log p(z) and work with every continuous
-prior.
+``iwae``, ``renyi``, ``dreg`` and ``stl`` need only :math:`\log p(z)` and work with every
+continuous prior.
 
-The two discrete priors pair with the guides of the same name (z must lie in the prior's
+The two discrete priors pair with the guides of the same name (:math:`z` must lie in the prior's
 support: one-hot vectors, or the open simplex): ``categorical`` prior, ``categorical`` guide and
-a ``linear`` decoder with a Normal likelihood make a Gaussian mixture with latent_dim clusters,
-the decoder mapping each one-hot z to its cluster mean.
+a ``linear`` decoder with a Normal likelihood make a Gaussian mixture with ``latent_dim``
+clusters, the decoder mapping each one-hot :math:`z` to its cluster mean.
 """
 
 from __future__ import annotations
@@ -51,7 +73,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-#: Smallest standard deviation a trained scale can reach (keeps log p(z) finite).
+#: Smallest standard deviation a trained scale can reach (keeps :math:`\log p(z)` finite).
 MIN_SCALE = 1e-4
 #: Factor on the initial output weights of a flow prior's coupling networks (near-identity start).
 INITIAL_OUTPUT_SCALE = 0.01
@@ -100,10 +122,11 @@ class OneHotCategorical(dist.OneHotCategorical):
 
 
 class RelaxedOneHotCategorical(dist.RelaxedOneHotCategorical):
-    """Pyro's Concrete / Gumbel-softmax distribution, its draws kept off the simplex's faces:
+    r"""Pyro's Concrete / Gumbel-softmax distribution, its draws kept off the simplex's faces:
     a coordinate below the smallest normal float is raised to it. In float32 a coordinate
     underflows to exactly 0 once its log-space value falls below about −87 (frequent at small
-    temperatures), where the density, log z and every gradient through them are −∞ or NaN."""
+    temperatures), where the density, :math:`\log z` and every gradient through them are
+    :math:`-\infty` or NaN."""
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(RelaxedOneHotCategorical, _instance)
@@ -118,7 +141,7 @@ class RelaxedOneHotCategorical(dist.RelaxedOneHotCategorical):
 
 
 class StandardNormal(nn.Module):
-    """p(z) = N(0, I), the prior of Kingma & Welling (2014)."""
+    r""":math:`p(z) = \mathcal{N}(0, I)`, the prior of Kingma & Welling (2014)."""
 
     name = "normal"
 
@@ -134,8 +157,9 @@ class StandardNormal(nn.Module):
 
 
 class LearnedNormal(nn.Module):
-    """p(z) = N(μ, diag σ²) with trainable μ (initially 0) and σ = softplus(ρ) + 10⁻⁴
-    (initially 1): N(0, I) at initialisation, with a closed-form KL from a Gaussian guide."""
+    r""":math:`p(z) = \mathcal{N}(\mu, \operatorname{diag} \sigma^2)` with trainable :math:`\mu`
+    (initially 0) and :math:`\sigma = \operatorname{softplus}(\rho) + 10^{-4}` (initially 1):
+    :math:`\mathcal{N}(0, I)` at initialisation, with a closed-form KL from a Gaussian guide."""
 
     name = "learned-normal"
 
@@ -155,8 +179,9 @@ class LearnedNormal(nn.Module):
 
 
 class LaplacePrior(nn.Module):
-    """p(z) = Π_d Laplace(z_d; 0, b), b = ``scale``. The default b = 1/√2 gives each dimension
-    variance 2b² = 1, as under N(0, I), with heavier (exponential) tails and a cusp at 0."""
+    r""":math:`p(z) = \prod_d \mathrm{Laplace}(z_d; 0, b)`, :math:`b` = ``scale``. The default
+    :math:`b = 1/\sqrt 2` gives each dimension variance :math:`2b^2 = 1`, as under
+    :math:`\mathcal{N}(0, I)`, with heavier (exponential) tails and a cusp at 0."""
 
     name = "laplace"
 
@@ -199,8 +224,9 @@ class _StudentT(dist.StudentT):
 
 
 class StudentTPrior(nn.Module):
-    """p(z) = Π_d StudentT(z_d; ν, 0, 1), ν = ``df`` > 0 (default 5): polynomial tails; the
-    variance ν/(ν − 2) exists for ν > 2 only."""
+    r""":math:`p(z) = \prod_d \mathrm{StudentT}(z_d; \nu, 0, 1)`, :math:`\nu` = ``df`` > 0
+    (default 5): polynomial tails; the variance :math:`\nu/(\nu - 2)` exists for :math:`\nu > 2`
+    only."""
 
     name = "studentt"
 
@@ -221,13 +247,15 @@ class StudentTPrior(nn.Module):
 
 
 class MixtureOfGaussians(nn.Module):
-    """p(z) = Σ_c π_c N(z; μ_c, diag σ_c²), all trained: π = softmax(logits),
-    σ_c = softplus(ρ_c) + 10⁻⁴.
+    r""":math:`p(z) = \sum_c \pi_c\, \mathcal{N}(z; \mu_c, \operatorname{diag} \sigma_c^2)`, all
+    trained: :math:`\pi = \operatorname{softmax}(\text{logits})`,
+    :math:`\sigma_c = \operatorname{softplus}(\rho_c) + 10^{-4}`.
 
     Initialisation (from the global torch RNG, so seed before building the VAE): equal weights,
-    means μ_c ~ N(0, ¼ I), scales σ = √¾. Each dimension then has variance ¼ + ¾ = 1 in
-    expectation over the draw of the means: close to N(0, I), but with distinct components that
-    training can pull apart.
+    means :math:`\mu_c \sim \mathcal{N}(0, \frac14 I)`, scales :math:`\sigma = \sqrt{3/4}`. Each
+    dimension then has variance :math:`\frac14 + \frac34 = 1` in expectation over the draw of the
+    means: close to :math:`\mathcal{N}(0, I)`, but with distinct components that training can pull
+    apart.
     """
 
     name = "mog"
@@ -270,14 +298,17 @@ class _BroadcastingMixture(dist.MixtureSameFamily):
 
 
 class VampPrior(nn.Module):
-    """The VampPrior of Tomczak & Welling (2018): p(z) = (1/K) Σ_k q_φ(z | u_k), the guide's
-    own posterior at K = ``components`` trained pseudo-inputs u_k ∈ R^{data_dim}.
+    r"""The VampPrior of Tomczak & Welling (2018):
+    :math:`p(z) = \frac{1}{K} \sum_k q_\phi(z \mid u_k)`, the guide's own posterior at
+    K = ``components`` trained pseudo-inputs :math:`u_k \in \mathbb{R}^{D}` (:math:`D` =
+    ``data_dim``).
 
-    The pseudo-inputs are created in :meth:`bind`, once the VAE (its encoder and data size)
+    The pseudo-inputs are created in ``bind(vae)``, once the VAE (its encoder and data size)
     exists, initialised uniformly in [0.25, 0.75] (the middle of the [0, 1] range of image
-    data; from the global torch RNG). Gradients of log p(z) reach both the pseudo-inputs and the
-    encoder (the prior shares φ with the guide). The guide family's distribution at a batch of
-    K inputs must have batch shape [K] and event shape (latent_dim,); every guide in
+    data; from the global torch RNG). Gradients of :math:`\log p(z)` reach both the pseudo-inputs
+    and the encoder (the prior shares :math:`\phi` with the guide). The guide family's distribution
+    at a batch of K inputs must have batch shape ``[K]`` and event shape ``(latent_dim,)``; every
+    guide in
     ``POSTERIORS`` qualifies.
     """
 
@@ -334,22 +365,23 @@ class VampPrior(nn.Module):
 
 
 class FlowPrior(nn.Module):
-    """p(z): N(0, I) pushed through ``layers`` trained invertible transforms (a RealNVP-style
-    flow; Dinh et al. 2017).
+    r""":math:`p(z)`: :math:`\mathcal{N}(0, I)` pushed through ``layers`` trained invertible
+    transforms (a RealNVP-style flow; Dinh et al. 2017).
 
-    For latent_dim ≥ 2 each layer is an affine coupling transform (Pyro's ``affine_coupling``,
-    a ``hidden``-``hidden`` ReLU network computing shift and log-scale of the second half of z
-    from the first half), with the dimensions reversed between layers so that every dimension is
-    transformed. Both sampling and log p(z) are single parallel passes.
+    For ``latent_dim`` ≥ 2 each layer is an affine coupling transform (Pyro's
+    ``affine_coupling``, a ``hidden``-``hidden`` ReLU network computing shift and log-scale of the
+    second half of :math:`z` from the first half), with the dimensions reversed between layers so
+    that every dimension is transformed. Both sampling and :math:`\log p(z)` are single parallel
+    passes.
 
-    For latent_dim = 1 coupling is impossible (there is no "other half" to condition on); each
-    layer is then an elementwise monotone rational-quadratic spline (Pyro's ``Spline``, 8 bins
-    on [−3, 3], identity outside; Durkan et al. 2019), and ``hidden`` is unused.
+    For ``latent_dim`` = 1 coupling is impossible (there is no "other half" to condition on);
+    each layer is then an elementwise monotone rational-quadratic spline (Pyro's ``Spline``, 8
+    bins on :math:`[-3, 3]`, identity outside; Durkan et al. 2019), and ``hidden`` is unused.
 
-    Initialisation: every layer starts at (coupling: close to) the identity map, so the prior
-    starts as (nearly) N(0, I): the coupling networks' output weights are scaled by
-    ``INITIAL_OUTPUT_SCALE`` and their output biases zeroed; splines start with equal bins and
-    unit slopes. Their other weights use Pyro's (global-RNG) initialisation.
+    Initialisation: every layer starts at (coupling: close to) the identity map, so the prior starts
+    as (nearly) :math:`\mathcal{N}(0, I)`: the coupling networks' output weights are scaled by
+    ``INITIAL_OUTPUT_SCALE`` and their output biases zeroed; splines start with equal bins and unit
+    slopes. Their other weights use Pyro's (global-RNG) initialisation.
     """
 
     name = "flow"
@@ -398,12 +430,13 @@ class FlowPrior(nn.Module):
 
 
 class CategoricalPrior(nn.Module):
-    """p(z) = OneHotCategorical(π) over the C = latent_dim one-hot vectors, π = softmax(logits):
-    uniform (π_c = 1/C) unless ``learn`` is true, when the logits are trained (from 0).
+    r""":math:`p(z) = \mathrm{OneHotCategorical}(\pi)` over the :math:`C` = ``latent_dim`` one-hot
+    vectors, :math:`\pi = \operatorname{softmax}(\text{logits})`: uniform (:math:`\pi_c = 1/C`)
+    unless ``learn`` is true, when the logits are trained (from 0).
 
-    z is discrete: pair it with the ``categorical`` guide (sampled, score-function gradients;
-    or enumerated exactly). With a ``linear`` decoder and a Normal likelihood the VAE is a
-    Gaussian mixture: p(x) = Σ_c π_c N(x; W e_c + b, σ²I).
+    :math:`z` is discrete: pair it with the ``categorical`` guide (sampled, score-function
+    gradients; or enumerated exactly). With a ``linear`` decoder and a Normal likelihood the VAE is
+    a Gaussian mixture: :math:`p(x) = \sum_c \pi_c\, \mathcal{N}(x; W e_c + b, \sigma^2 I)`.
     """
 
     name = "categorical"
@@ -427,14 +460,15 @@ class CategoricalPrior(nn.Module):
 
 
 class RelaxedCategoricalPrior(nn.Module):
-    """p(z) = RelaxedOneHotCategorical(τ, uniform logits), the Concrete / Gumbel-softmax
-    distribution on the open simplex of latent_dim categories (Maddison et al. 2017; Jang et al.
-    2017), τ = ``temperature`` > 0 (default 0.5). As τ → 0 its samples approach the one-hot
-    vectors of the uniform ``categorical`` prior.
+    r""":math:`p(z) = \mathrm{RelaxedOneHotCategorical}(\tau, \text{uniform logits})`, the
+    Concrete / Gumbel-softmax distribution on the open simplex of ``latent_dim`` categories
+    (Maddison et al. 2017; Jang et al. 2017), :math:`\tau` = ``temperature`` > 0 (default 0.5). As
+    :math:`\tau \to 0` its samples approach the one-hot vectors of the uniform ``categorical``
+    prior.
 
     .. warning:: the density is over the simplex, so it pairs with the ``relaxed-categorical``
-       guide only, and at small τ a coordinate of z can underflow to 0 in float32, where
-       log p(z) is −∞.
+       guide only, and at small :math:`\tau` a coordinate of :math:`z` can underflow to 0 in
+       float32, where :math:`\log p(z)` is :math:`-\infty`.
     """
 
     name = "relaxed-categorical"
@@ -455,6 +489,7 @@ class RelaxedCategoricalPrior(nn.Module):
         return {"temperature": self.temperature}
 
 
+#: The built-in priors by name (the ``prior=`` names of :class:`pyro_vae.VAE`).
 PRIORS: dict[str, type[nn.Module]] = {
     "normal": StandardNormal,
     "learned-normal": LearnedNormal,
@@ -466,4 +501,5 @@ PRIORS: dict[str, type[nn.Module]] = {
     "categorical": CategoricalPrior,
     "relaxed-categorical": RelaxedCategoricalPrior,
 }
+#: The methods every prior must have.
 PROTOCOL = ("setup", "distribution")

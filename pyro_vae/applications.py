@@ -1,4 +1,4 @@
-"""What a trained VAE is for: the applications the VAE literature teaches.
+r"""What a trained VAE is for: the applications the VAE literature teaches.
 
 Each function takes a trained :class:`~pyro_vae.VAE` and returns its numbers together with a
 matplotlib :class:`~matplotlib.figure.Figure`, in a small dataclass:
@@ -10,21 +10,21 @@ function                       what it shows
                                posterior means of two datapoints
 :func:`traverse`               decodes as one latent dimension sweeps a range of values,
                                the others held at a base point (Higgins et al. 2017)
-:func:`anomaly_scores`         datapoints ranked by −log p̂(x), the importance-sampled
-                               negative log-likelihood of :func:`pyro_vae.evaluate`
+:func:`anomaly_scores`         datapoints ranked by :math:`-\log \hat p(x)`, the
+                               importance-sampled negative log-likelihood of
+                               :func:`pyro_vae.evaluate`
 :func:`representation_probe`   a logistic-regression probe of the labels on the encoder
-                               means: how much class information z carries
+                               means: how much class information :math:`z` carries
 :func:`latent_scatter`         the encoder means in 2-D (PCA beyond two dimensions),
                                coloured by label
 :func:`reconstructions`        datapoints above their reconstructions
 =============================  ===========================================================
 
 Encoder means are ``vae.posterior_mean(x, y)`` (closed form where the guide family has one) and
-images are decoder means E[x | z]. A conditional VAE takes labels wherever its encoder or
-decoder needs them: the split's labels when given a :class:`~pyro_vae.Dataset`, or ``y`` /
-``labels`` with a tensor. Results are CPU tensors; nothing is computed with gradients.
-Latent and data dimensions are numbered from 0 (``z0``, ``z1``, … in figures, as in
-``dims``).
+images are decoder means :math:`\mathbb{E}[x \mid z]`. A conditional VAE takes labels wherever its
+encoder or decoder needs them: the split's labels when given a :class:`~pyro_vae.Dataset`, or ``y``
+/ ``labels`` with a tensor. Results are CPU tensors; nothing is computed with gradients. Latent and
+data dimensions are numbered from 0 (``z0``, ``z1``, … in figures, as in ``dims``).
 
 Figures are created with :class:`matplotlib.figure.Figure` (no pyplot state): save one with
 ``result.figure.savefig(path)``; there is nothing to close.
@@ -62,9 +62,9 @@ _CELL = 0.9
 
 @dataclass
 class Interpolation:
-    """:func:`interpolate`: ``t`` ``[steps]`` runs from 0 (x_a) to 1 (x_b); ``latents``
-    ``[steps, latent_dim]``; ``images`` ``[steps, data_dim]`` are the decoder means; ``labels``
-    ``[steps]`` are the decoder's labels (conditional VAE) or ``None``."""
+    r""":func:`interpolate`: ``t`` ``[steps]`` runs from 0 (:math:`x_a`) to 1 (:math:`x_b`);
+    ``latents`` ``[steps, latent_dim]``; ``images`` ``[steps, data_dim]`` are the decoder means;
+    ``labels`` ``[steps]`` are the decoder's labels (conditional VAE) or ``None``."""
 
     t: torch.Tensor
     latents: torch.Tensor
@@ -90,8 +90,8 @@ class Traversal:
 
 @dataclass
 class AnomalyScores:
-    """:func:`anomaly_scores`: ``nll`` ``[N]`` = −log p̂(x) in nats (higher = more anomalous);
-    ``ranking`` ``[N]`` the indices sorted by decreasing ``nll`` (most anomalous first);
+    r""":func:`anomaly_scores`: ``nll`` ``[N]`` :math:`= -\log \hat p(x)` in nats (higher = more
+    anomalous); ``ranking`` ``[N]`` the indices sorted by decreasing ``nll`` (most anomalous first);
     ``evaluation`` the full :class:`~pyro_vae.Evaluation` the scores come from."""
 
     nll: torch.Tensor
@@ -118,9 +118,9 @@ class Probe:
 
 @dataclass
 class LatentScatter:
-    """:func:`latent_scatter`: ``coordinates`` ``[N, 2]`` as plotted; ``method`` is ``"latent"``
-    (latent_dim 2: z itself), ``"pca"`` (latent_dim > 2; ``explained_variance`` holds the two
-    components' variance ratios) or ``"index"`` (latent_dim 1: datapoint index, z)."""
+    r""":func:`latent_scatter`: ``coordinates`` ``[N, 2]`` as plotted; ``method`` is ``"latent"``
+    (latent_dim 2: :math:`z` itself), ``"pca"`` (latent_dim > 2; ``explained_variance`` holds the
+    two components' variance ratios) or ``"index"`` (latent_dim 1: datapoint index, :math:`z`)."""
 
     coordinates: torch.Tensor
     labels: torch.Tensor | None
@@ -143,20 +143,24 @@ class Reconstructions:
 
 def interpolate(vae, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10, y=None,
                 spherical: bool = False) -> Interpolation:
-    """Decode along the path between the posterior means z_a = E_q[z|x_a] and z_b = E_q[z|x_b].
+    r"""Decode along the path between the posterior means :math:`z_a = \mathbb{E}_q[z \mid x_a]`
+    and :math:`z_b = \mathbb{E}_q[z \mid x_b]`.
 
-    :param x_a, x_b: one datapoint each, of shape ``[data_dim]``, ``[1, data_dim]`` or
-        ``vae.data_shape``.
-    :param steps: points on the path, endpoints included (≥ 2); step i has t = i / (steps − 1).
+    :param x_a: one datapoint, of shape ``[data_dim]``, ``[1, data_dim]`` or ``vae.data_shape``.
+    :param x_b: the other datapoint, of the same shape.
+    :param steps: points on the path, endpoints included (at least 2); step :math:`i` has
+        :math:`t = i / (\mathrm{steps} - 1)`.
     :param y: labels of a conditional VAE: one label for both datapoints (also used by the
-        decoder throughout), or a pair ``(y_a, y_b)``: x_a is encoded with y_a and x_b with
-        y_b, and each step is decoded with the label of the nearer endpoint (t ≤ ½: y_a).
+        decoder throughout), or a pair ``(y_a, y_b)``: :math:`x_a` is encoded with :math:`y_a`
+        and :math:`x_b` with :math:`y_b`, and each step is decoded with the label of the nearer
+        endpoint (:math:`t \le 1/2`: :math:`y_a`).
     :param spherical: spherical linear interpolation (slerp, White 2016) instead of the
-        straight segment (1 − t) z_a + t z_b; it falls back to the segment when z_a and z_b
-        are parallel.
+        straight segment :math:`(1 - t)\, z_a + t\, z_b`; it falls back to the segment when
+        :math:`z_a` and :math:`z_b` are parallel.
 
-    The first and last latents are exactly z_a and z_b. The figure is a row of images for image
-    data, and the decoded value of each data dimension against t otherwise.
+    The first and last latents are exactly :math:`z_a` and :math:`z_b`. The figure is a row of
+    images for image data, and the decoded value of each data dimension against :math:`t`
+    otherwise.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ConfigError(f"steps must be an integer ≥ 2, not {steps!r}")
@@ -195,13 +199,13 @@ def interpolate(vae, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10, y=No
 def traverse(vae, x: torch.Tensor | None = None, dims: Sequence[int] | None = None,
              values: torch.Tensor | Sequence[float] = DEFAULT_TRAVERSAL_VALUES,
              y=None) -> Traversal:
-    """Latent traversals: for each dimension d in ``dims``, set z_d to each of ``values`` while
-    the other dimensions stay at a base point, and decode.
+    r"""Latent traversals: for each dimension :math:`d` in ``dims``, set :math:`z_d` to each of
+    ``values`` while the other dimensions stay at a base point, and decode.
 
     :param x: one datapoint whose posterior mean is the base point; without it the base is
-        z = 0 (the prior mean of the ``normal`` prior; for other priors pass a datapoint).
+        :math:`z = 0` (the prior mean of the ``normal`` prior; for other priors pass a datapoint).
     :param dims: latent dimensions to traverse (default: all of them, in order).
-    :param values: the values z_d takes (absolute values, not offsets from the base).
+    :param values: the values :math:`z_d` takes (absolute values, not offsets from the base).
     :param y: the label of a conditional VAE (one int: it encodes ``x`` and decodes every cell).
 
     The figure is a grid, one row per dimension and one column per value, for image data, and
@@ -249,8 +253,9 @@ def traverse(vae, x: torch.Tensor | None = None, dims: Sequence[int] | None = No
 def anomaly_scores(vae, data: Dataset | torch.Tensor, split: str = "test", particles: int = 1000,
                    top: int = 32, *, labels: torch.Tensor | None = None, seed: int = 0,
                    batch_size: int = 256) -> AnomalyScores:
-    """Score datapoints by their negative log-likelihood nll = −log p̂(x) under the VAE, the
-    importance-sampled estimate of :func:`pyro_vae.evaluate` with K = ``particles``.
+    r"""Score datapoints by their negative log-likelihood :math:`\mathrm{nll} = -\log \hat p(x)`
+    under the VAE, the importance-sampled estimate of :func:`pyro_vae.evaluate` with
+    K = ``particles``.
 
     :param data: a :class:`~pyro_vae.Dataset` (scored on ``split``) or a ``[N, data_dim]``
         tensor (with ``labels`` for a conditional VAE).
@@ -292,7 +297,7 @@ def representation_probe(vae, dataset: Dataset, max_iter: int = 2000) -> Probe:
 
     ``chance`` is the frequency of the test split's most common class, the accuracy of always
     guessing it. For a conditional VAE the encoder is given the labels, so the probe measures
-    how much label information leaks into z beyond what y already supplies.
+    how much label information leaks into :math:`z` beyond what :math:`y` already supplies.
     The figure is the test-split confusion matrix.
     """
     from sklearn.linear_model import LogisticRegression
@@ -334,12 +339,13 @@ def representation_probe(vae, dataset: Dataset, max_iter: int = 2000) -> Probe:
 
 def latent_scatter(vae, dataset: Dataset | torch.Tensor, split: str = "test", *,
                    labels: torch.Tensor | None = None) -> LatentScatter:
-    """Scatter the encoder means E_q[z|x] of ``split`` in two dimensions, coloured by label.
+    r"""Scatter the encoder means :math:`\mathbb{E}_q[z \mid x]` of ``split`` in two dimensions,
+    coloured by label.
 
-    latent_dim 2: z itself; latent_dim > 2: the first two principal components (scikit-learn
+    latent_dim 2: :math:`z` itself; latent_dim > 2: the first two principal components (scikit-learn
     PCA fitted on these means; the axis labels say so and give the variance each explains);
-    latent_dim 1: z against the datapoint's index. ``dataset`` may also be a ``[N, data_dim]``
-    tensor, with ``labels`` to colour by (and to feed a conditional VAE).
+    latent_dim 1: :math:`z` against the datapoint's index. ``dataset`` may also be a
+    ``[N, data_dim]`` tensor, with ``labels`` to colour by (and to feed a conditional VAE).
     """
     x, shown_labels, y = _data(vae, dataset, split, labels)
     means = _posterior_means(vae, x, y)

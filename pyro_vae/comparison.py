@@ -1,16 +1,19 @@
-"""Paired comparison of two VAEs by their held-out log-likelihoods.
+r"""Paired comparison of two VAEs by their held-out log-likelihoods.
 
 Both models are evaluated with :func:`pyro_vae.evaluate` on the same datapoints with the same
-seed, giving importance-sampled log p̂_A(x_n) and log p̂_B(x_n) per datapoint. Because the
-datapoints are shared, the difference is judged pairwise: d_n = log p̂_A(x_n) − log p̂_B(x_n),
-its mean d̄ and standard error sd(d)/√n, and z = d̄ / se. The table follows ArviZ's ``compare``
-(Vehtari, Gelman & Gabry 2017): elpd = Σ_n log p̂(x_n) with se = √n·sd(log p̂), and the
-difference to the best model with se_diff = √n·sd(d) — far smaller than the two se's
-combined when the models agree on which datapoints are hard.
+seed, giving importance-sampled :math:`\log \hat p_A(x_n)` and :math:`\log \hat p_B(x_n)` per
+datapoint. Because the datapoints are shared, the difference is judged pairwise:
+:math:`d_n = \log \hat p_A(x_n) - \log \hat p_B(x_n)`, its mean :math:`\bar d` and standard error
+:math:`\operatorname{sd}(d)/\sqrt n`, and :math:`z = \bar d / \mathrm{se}`. The table follows
+ArviZ's ``compare`` (Vehtari, Gelman & Gabry 2017):
+:math:`\mathrm{elpd} = \sum_n \log \hat p(x_n)` with
+:math:`\mathrm{se} = \sqrt n \cdot \operatorname{sd}(\log \hat p)`, and the difference to the best
+model with :math:`\mathrm{se}_\mathrm{diff} = \sqrt n \cdot \operatorname{sd}(d)` — far smaller
+than the two se's combined when the models agree on which datapoints are hard.
 
-The log p̂ are IWAE_K bounds, biased low by roughly Var(w)/(2K) (see
-:mod:`pyro_vae.evaluation`); a model with a poorer guide is penalized by that bias too, which
-shrinks with K.
+The :math:`\log \hat p` are IWAE bounds, biased low by roughly :math:`\operatorname{Var}(w)/(2K)`
+(see :mod:`pyro_vae.evaluation`); a model with a poorer guide is penalized by that bias too,
+which shrinks with K.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from .data import Dataset
 from .errors import ConfigError
 from .evaluation import evaluate
 
-#: |z| at or above which a difference is reported as significant.
+#: :math:`|z|` at or above which a difference is reported as significant.
 SIGNIFICANCE_Z = 2.0
 
 
@@ -36,9 +39,9 @@ def _float(value: float) -> float | None:
 
 @dataclass
 class Comparison:
-    """Per-datapoint log-likelihoods of two models on the same datapoints, and their summaries.
+    r"""Per-datapoint log-likelihoods of two models on the same datapoints, and their summaries.
 
-    ``log_likelihood_a`` / ``_b``: importance-sampled log p̂(x_n), arrays [n];
+    ``log_likelihood_a`` / ``_b``: importance-sampled :math:`\log \hat p(x_n)`, arrays ``[n]``;
     ``evaluation_a`` / ``_b``: :func:`pyro_vae.evaluate`'s summaries."""
 
     names: tuple[str, str]
@@ -57,7 +60,7 @@ class Comparison:
 
     @property
     def difference(self) -> np.ndarray:
-        """d_n = log p̂_A(x_n) − log p̂_B(x_n), [n]."""
+        r""":math:`d_n = \log \hat p_A(x_n) - \log \hat p_B(x_n)`, ``[n]``."""
         return self.log_likelihood_a - self.log_likelihood_b
 
     @property
@@ -66,7 +69,8 @@ class Comparison:
 
     @property
     def se_difference(self) -> float:
-        """sd(d) / √n, the standard error of the mean paired difference."""
+        r""":math:`\operatorname{sd}(d) / \sqrt n`, the standard error of the mean paired
+        difference."""
         return float(self.difference.std(ddof=1) / math.sqrt(self.num_datapoints))
 
     @property
@@ -93,9 +97,11 @@ class Comparison:
         return float(values.sum()), float(math.sqrt(n) * values.std(ddof=1))
 
     def table(self) -> list[dict]:
-        """ArviZ-``compare``-style rows, best first: ``rank``, ``name``, ``elpd`` (Σ log p̂),
-        ``se`` (√n·sd), ``elpd_diff`` (elpd of the best minus this one's, ≥ 0), ``dse``
-        (√n·sd(d), 0 for the best), ``log_likelihood`` (mean per datapoint) and its ``se``."""
+        r"""ArviZ-``compare``-style rows, best first: ``rank``, ``name``, ``elpd``
+        (:math:`\sum_n \log \hat p(x_n)`), ``se`` (:math:`\sqrt n \cdot \operatorname{sd}`),
+        ``elpd_diff`` (elpd of the best minus this one's, :math:`\ge 0`), ``dse``
+        (:math:`\sqrt n \cdot \operatorname{sd}(d)`, 0 for the best), ``log_likelihood`` (mean
+        per datapoint) and its ``se``."""
         n = self.num_datapoints
         rows = []
         for name, values in zip(self.names, (self.log_likelihood_a, self.log_likelihood_b)):

@@ -1,23 +1,24 @@
-"""Diagnostics of a trained VAE: PSIS k̂ of the importance weights, KL per latent dimension,
-posterior collapse, and an ArviZ ``InferenceData`` of the guide's samples.
+r"""Diagnostics of a trained VAE: PSIS :math:`\hat k` of the importance weights, KL per latent
+dimension, posterior collapse, and an ArviZ ``InferenceData`` of the guide's samples.
 
-For each datapoint x, K particles z_k ~ q_φ(z|x) and their log-weights
-log w_k = log p_θ(x|z_k) + log p(z_k) − log q_φ(z_k|x) come from
+For each datapoint :math:`x`, K particles :math:`z_k \sim q_\phi(z \mid x)` and their log-weights
+:math:`\log w_k = \log p_\theta(x \mid z_k) + \log p(z_k) - \log q_\phi(z_k \mid x)` come from
 :func:`pyro_vae.log_weights.log_weights`, drawn exactly as :func:`pyro_vae.evaluate` draws them
 (same seed, same batches, same particle chunks), so the diagnostics describe the very weights
 behind the reported log-likelihood.
 
-**Pareto k̂** (Vehtari et al. 2024, "Pareto smoothed importance sampling", JMLR 25(72); Yao et
-al. 2018, "Yes, but did it work?") is the estimated shape of a generalized Pareto distribution
-fitted to the largest weights of each datapoint: the weights have finite variance only for
-k < 1/2, and for k̂ > 0.7 the importance-sampled log p(x) of that datapoint is unreliable at any
-practical K — the guide's tails are too light for the posterior. A guide wider than the
-posterior gives bounded weights (k < 0).
+**Pareto** :math:`\hat k` (Vehtari et al. 2024, "Pareto smoothed importance sampling", JMLR
+25(72); Yao et al. 2018, "Yes, but did it work?") is the estimated shape of a generalized Pareto
+distribution fitted to the largest weights of each datapoint: the weights have finite variance
+only for :math:`k < 1/2`, and for :math:`\hat k > 0.7` the importance-sampled :math:`\log p(x)`
+of that datapoint is unreliable at any practical K — the guide's tails are too light for the
+posterior. A guide wider than the posterior gives bounded weights (:math:`k < 0`).
 
-**KL per latent dimension**: for a guide and a prior that both factorize over z
-(``Independent(·, 1)``), KL(q(z|x) ‖ p(z)) = Σ_d KL(q_d ‖ p_d); each term, averaged over the
-datapoints, is the information dimension d carries. Dimensions below :data:`COLLAPSE_THRESHOLD`
-nats have collapsed to the prior (posterior collapse).
+**KL per latent dimension**: for a guide and a prior that both factorize over :math:`z`
+(``Independent(·, 1)``),
+:math:`\mathrm{KL}(q(z \mid x) \,\|\, p(z)) = \sum_d \mathrm{KL}(q_d \,\|\, p_d)`; each term,
+averaged over the datapoints, is the information dimension :math:`d` carries. Dimensions below
+:data:`COLLAPSE_THRESHOLD` nats have collapsed to the prior (posterior collapse).
 """
 
 from __future__ import annotations
@@ -38,24 +39,28 @@ from .errors import ConfigError, PyroVAEError
 from .evaluation import _CHUNK_FLOATS, evaluate, scored_batches
 from .training import check_compatible, labels_for
 
-#: A latent dimension whose KL(q ‖ p), averaged over datapoints, is below this (nats) has
-#: collapsed to the prior.
+#: A latent dimension whose :math:`\mathrm{KL}(q \,\|\, p)`, averaged over datapoints, is below this
+#: (nats) has collapsed to the prior.
 COLLAPSE_THRESHOLD = 0.01
-#: k̂ above this: the weights have infinite variance (the estimate converges slowly).
+#: :math:`\hat k` above this: the weights have infinite variance (the estimate converges slowly).
 PARETO_K_GOOD = 0.5
-#: k̂ above this: importance sampling of that datapoint is unreliable (Vehtari et al. 2024).
+#: :math:`\hat k` above this: importance sampling of that datapoint is unreliable (Vehtari et al.
+#: 2024).
 PARETO_K_BAD = 0.7
-#: Fewest draws per datapoint from which k̂ is estimated (a tail of at least 5 draws).
+#: Fewest draws per datapoint from which :math:`\hat k` is estimated (a tail of at least 5 draws).
 PARETO_MIN_DRAWS = 25
-#: k̂ reported for weights whose largest values are all tied (every weight equal, as under the
-#: exact posterior, or the top of the distribution flat): such weights are bounded, which is
-#: the k < 0 side of the generalized Pareto family (a point mass is the limit k → −∞); −1, the
+#: :math:`\hat k` reported for weights whose largest values are all tied (every weight equal, as
+#: under the exact posterior, or the top of the distribution flat): such weights are bounded, which
+#: is the :math:`k < 0` side of the generalized Pareto family (a point mass is the limit
+#: :math:`k \to -\infty`); −1, the
 #: shape of a uniform (flat, bounded) tail, stands in as a finite value below every threshold.
 BOUNDED_PARETO_K = -1.0
-#: Log-weights count as tied when they lie within max(ATOL, RTOL·|log w_max|) nats: weights
-#: within a factor e^0.001 of each other (ESS > 0.999999·K), with room for float32 round-off
+#: Log-weights count as tied when they lie within
+#: :math:`\max(\mathrm{ATOL}, \mathrm{RTOL} \cdot |\log w_{\max}|)` nats: weights within a factor
+#: :math:`e^{0.001}` of each other (ESS > 0.999999·K), with room for float32 round-off
 #: in log-densities of large magnitude.
 TIE_ATOL = 1e-3
+#: The relative tolerance of the tie test (see :data:`TIE_ATOL`).
 TIE_RTOL = 1e-5
 #: File that :func:`diagnose` writes into a run directory.
 DIAGNOSTICS_FILE = "diagnostics.nc"
@@ -128,17 +133,18 @@ def _arviz_stats_r_eff(draws: int) -> float:
 
 
 def pareto_k(log_weights: np.ndarray, backend: str = "auto") -> np.ndarray:
-    """PSIS k̂ per datapoint for log importance weights of shape ``[draws, n]`` (a ``[draws]``
-    vector gives a 0-d array). Draws are independent (relative efficiency 1).
+    r"""PSIS :math:`\hat k` per datapoint for log importance weights of shape ``[draws, n]`` (a
+    ``[draws]`` vector gives a 0-d array). Draws are independent (relative efficiency 1).
 
     Uses ArviZ: ``arviz.psislw`` under ArviZ 0.x, ``arviz_stats.base.array_stats.psislw``
     (which negates its input) under ArviZ 1.x; ``backend`` forces one. Both fit the same
-    ⌈min(S/5, 3√S)⌉ largest weights and give the same k̂ (see :func:`_arviz_stats_r_eff`).
+    :math:`\lceil \min(S/5,\, 3\sqrt S) \rceil` largest of the :math:`S` weights and give the
+    same :math:`\hat k` (see ``_arviz_stats_r_eff``).
 
     Defined beyond ArviZ: a datapoint whose largest weights are tied (within
     :data:`TIE_ATOL`/:data:`TIE_RTOL`; all weights equal, as under the exact posterior) gets
     :data:`BOUNDED_PARETO_K`, where ArviZ returns inf or refuses; one whose weights are all
-    zero (log w = −inf) or any +inf gets inf; any NaN gives NaN.
+    zero (:math:`\log w = -\infty`) or any +inf gets inf; any NaN gives NaN.
     """
     array = np.asarray(log_weights, dtype=float)
     if array.ndim not in (1, 2):
@@ -182,8 +188,8 @@ def pareto_k(log_weights: np.ndarray, backend: str = "auto") -> np.ndarray:
 
 
 def pareto_k_threshold(draws: int) -> float:
-    """The sample-size-dependent k̂ threshold min(1 − 1/log10 S, 0.7) of Vehtari et al. (2024),
-    above which S draws cannot give a reliable estimate."""
+    r"""The sample-size-dependent :math:`\hat k` threshold :math:`\min(1 - 1/\log_{10} S,\ 0.7)`
+    of Vehtari et al. (2024), above which :math:`S` draws cannot give a reliable estimate."""
     return min(1.0 - 1.0 / math.log10(draws), PARETO_K_BAD) if draws > 10 else -math.inf
 
 
@@ -252,15 +258,16 @@ def inference_data(vae, data: Dataset | torch.Tensor, split: str = "test", parti
                    max_datapoints: int | None = None, seed: int = 0, *,
                    labels: torch.Tensor | None = None, latents: bool = True,
                    batch_size: int = 256):
-    """The guide's K = ``particles`` draws per datapoint of ``split`` as ArviZ ``InferenceData``.
+    r"""The guide's K = ``particles`` draws per datapoint of ``split`` as ArviZ ``InferenceData``.
 
     Groups (one chain; draws are the particles):
 
-    - ``posterior``: ``z`` (chain, draw, datapoint, latent), z_k ~ q(z | x) — omitted with
-      ``latents=False`` (it is K·N·latent_dim floats);
-    - ``log_likelihood``: ``x`` (chain, draw, datapoint) = log p_θ(x | z_k);
-    - ``sample_stats``: ``log_weight`` = log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x), and
-      its terms ``log_prior`` and ``log_guide`` (chain, draw, datapoint);
+    - ``posterior``: ``z`` (chain, draw, datapoint, latent), :math:`z_k \sim q(z \mid x)` —
+      omitted with ``latents=False`` (it is K·N·latent_dim floats);
+    - ``log_likelihood``: ``x`` (chain, draw, datapoint) :math:`= \log p_\theta(x \mid z_k)`;
+    - ``sample_stats``: ``log_weight``
+      :math:`= \log w_k = \log p(x \mid z_k) + \log p(z_k) - \log q(z_k \mid x)`, and its
+      terms ``log_prior`` and ``log_guide`` (chain, draw, datapoint);
     - ``observed_data``: ``x`` (datapoint, feature); ``constant_data``: ``y`` (datapoint) for a
       conditional VAE.
 
@@ -360,7 +367,8 @@ def write_netcdf(idata, path: str | Path) -> Path:
 # -- KL per latent dimension -------------------------------------------------------------------
 
 class KLPerDimension(NamedTuple):
-    """KL(q(z_d|x) ‖ p(z_d)) per latent dimension d, mean over datapoints (nats), or ``None``
+    r""":math:`\mathrm{KL}(q(z_d \mid x) \,\|\, p(z_d))` per latent dimension :math:`d`, mean over
+    datapoints (nats), or ``None``
     with a ``note`` where guide or prior does not factorize; ``method`` is ``"closed form"``
     or ``"monte carlo"``."""
 
@@ -386,13 +394,14 @@ def _component_name(vae, kind: str) -> str:
 @torch.no_grad()
 def kl_per_dimension(vae, x: torch.Tensor, y: torch.Tensor | None = None, *, samples: int = 1000,
                      seed: int = 0, batch_size: int = 256) -> KLPerDimension:
-    """Mean over the datapoints ``x`` of KL(q(z_d|x) ‖ p(z_d)) for each latent dimension d.
+    r"""Mean over the datapoints ``x`` of :math:`\mathrm{KL}(q(z_d \mid x) \,\|\, p(z_d))` for each
+    latent dimension :math:`d`.
 
-    Needs q(z|x) and p(z) both of the form ``Independent(base, 1)`` (the ``normal`` guide with
-    the ``normal``, ``learned-normal``, ``laplace`` or ``studentt`` prior): then the total KL is
-    the sum of the per-dimension terms. They are in closed form where
-    ``torch.distributions.kl_divergence`` knows the pair of bases, else Monte Carlo estimates
-    with ``samples`` draws per datapoint (seeded). Otherwise ``values`` is ``None``."""
+    Needs :math:`q(z \mid x)` and :math:`p(z)` both of the form ``Independent(base, 1)`` (the
+    ``normal`` guide with the ``normal``, ``learned-normal``, ``laplace`` or ``studentt`` prior):
+    then the total KL is the sum of the per-dimension terms. They are in closed form where
+    ``torch.distributions.kl_divergence`` knows the pair of bases, else Monte Carlo estimates with
+    ``samples`` draws per datapoint (seeded). Otherwise ``values`` is ``None``."""
     _check_positive_int("samples", samples)
     d = vae.latent_dim
     prior = _factorized(vae.prior.distribution(), d)
@@ -445,10 +454,10 @@ def _finite_or_none(value: float) -> float | None:
 
 @dataclass
 class Diagnosis:
-    """What :func:`diagnose` found. ``pareto_k``: k̂ per datapoint [n]; ``kl_per_dim``: mean KL
-    per latent dimension [latent_dim] in nats (``None`` where guide or prior does not
-    factorize); ``collapsed``: the dimensions with KL < :data:`COLLAPSE_THRESHOLD` (``None``
-    when unknown); ``evaluation``: :func:`pyro_vae.evaluate`'s summary (active units,
+    r"""What :func:`diagnose` found. ``pareto_k``: :math:`\hat k` per datapoint ``[n]``;
+    ``kl_per_dim``: mean KL per latent dimension ``[latent_dim]`` in nats (``None`` where guide or
+    prior does not factorize); ``collapsed``: the dimensions with KL < :data:`COLLAPSE_THRESHOLD`
+    (``None`` when unknown); ``evaluation``: :func:`pyro_vae.evaluate`'s summary (active units,
     log-likelihood, …) for the same draws."""
 
     split: str
@@ -533,10 +542,11 @@ def diagnose(vae, data: Dataset | torch.Tensor, split: str = "test", particles: 
              seed: int = 0, run_dir: str | Path | None = None, *,
              labels: torch.Tensor | None = None, latents: bool = True,
              batch_size: int = 256) -> Diagnosis:
-    """Diagnose ``vae`` on ``split`` of ``data`` with K = ``particles`` guide draws per datapoint:
-    PSIS k̂ per datapoint, active units and the log-likelihood (:func:`pyro_vae.evaluate`, same
-    seed: the same draws), KL per latent dimension and posterior collapse. With ``run_dir``
-    the draws are written there as :data:`DIAGNOSTICS_FILE` (``arviz.from_netcdf`` reads it)."""
+    r"""Diagnose ``vae`` on ``split`` of ``data`` with K = ``particles`` guide draws per datapoint:
+    PSIS :math:`\hat k` per datapoint, active units and the log-likelihood
+    (:func:`pyro_vae.evaluate`, same seed: the same draws), KL per latent dimension and posterior
+    collapse. With ``run_dir`` the draws are written there as :data:`DIAGNOSTICS_FILE`
+    (``arviz.from_netcdf`` reads it)."""
     _check_positive_int("particles", particles)
     if particles < PARETO_MIN_DRAWS:
         raise ConfigError(f"diagnostics need at least {PARETO_MIN_DRAWS} particles for PSIS k̂, "

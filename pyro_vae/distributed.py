@@ -2,7 +2,7 @@
 
 ``torchrun --nproc_per_node=N -m pyro_vae.cli train ...`` starts N processes. Each takes its
 shard of every global minibatch (the same seeded permutation on every rank, split into N
-contiguous parts), computes the objective on it with the data-set scale num_data / shard, and
+contiguous parts), computes the objective on it with the data-set scale ``num_data / shard``, and
 DDP averages the gradients, so an update equals that of one process on the whole minibatch with
 the same random draws. Ranks draw independent noise (seed + rank). Each rank scores its part
 of the validation split and the sums are all-reduced, so every rank reports the same validation

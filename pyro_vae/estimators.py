@@ -1,17 +1,19 @@
-"""Side-by-side comparison of ELBO estimators on one model state.
+r"""Side-by-side comparison of ELBO estimators on one model state.
 
 For each objective × K, on a fixed minibatch of data:
 
 - ``bound`` ± ``bound_se``: the objective's per-datapoint bound (nats per datapoint), mean and
   standard error over datapoints;
-- per parameter group (``encoder``: the guide's parameters; ``decoder``: the model's), over R
-  independent gradient draws g_1..g_R of the loss (per datapoint):
-  ``grad_var`` = mean over parameter elements of Var_r(g_r), and
-  ``snr`` = mean over elements of |mean_r(g_r)| / std_r(g_r) (Rainforth et al. 2018);
+- per parameter group (``encoder``: the guide's parameters; ``decoder``: the model's), over
+  :math:`R` independent gradient draws :math:`g_1, \dots, g_R` of the loss (per datapoint):
+  ``grad_var`` = mean over parameter elements of :math:`\operatorname{Var}_r(g_r)`, and
+  ``snr`` = mean over elements of
+  :math:`|\operatorname{mean}_r(g_r)| / \operatorname{std}_r(g_r)` (Rainforth et al. 2018);
 - ``ms_per_step``: median wall-clock time of one loss + backward pass.
 
-Rainforth et al. (2018) predict, for ``iwae``, an encoder SNR falling like 1/√K and a decoder
-SNR rising like √K; ``dreg`` (Tucker et al. 2019) keeps the encoder SNR from falling.
+Rainforth et al. (2018) predict, for ``iwae``, an encoder SNR falling like :math:`1/\sqrt K` and a
+decoder SNR rising like :math:`\sqrt K`; ``dreg`` (Tucker et al. 2019) keeps the encoder SNR from
+falling.
 
 An estimator is an objective name with an optional gradient, ``objective[:gradient]``, applied to
 the same model/guide pair by a handler (:func:`with_gradient`):
@@ -43,6 +45,7 @@ from .errors import ConfigError
 from .models.priors import RelaxedOneHotCategorical
 from .objectives import OBJECTIVES, make_objective
 
+#: The gradient estimators an ``objective[:gradient]`` name can ask for (see the module docstring).
 GRADIENTS = ("pathwise", "score", "enum", "relaxed")
 
 
@@ -115,12 +118,14 @@ def with_gradient(model, guide, gradient: str, temperature: float = 0.5):
         return _Relaxed(temperature)(model), _Relaxed(temperature)(guide)
     raise ConfigError(f"unknown gradient {gradient!r}; choose from: {', '.join(GRADIENTS)}")
 
+#: The keys of each row :func:`compare_estimators` returns.
 ROW_KEYS = ("objective", "particles", "bound", "bound_se", "encoder_snr", "decoder_snr",
             "encoder_grad_var", "decoder_grad_var", "ms_per_step")
 
 
 def parameter_groups(vae) -> dict[str, list[torch.nn.Parameter]]:
-    """``encoder``: q_φ's parameters (encoder network, guide family); ``decoder``: p_θ's."""
+    r"""``encoder``: :math:`q_\phi`'s parameters (encoder network, guide family); ``decoder``:
+    :math:`p_\theta`'s."""
     encoder = [*vae.encoder.parameters(), *vae.guide_family.parameters()]
     encoder_ids = {id(p) for p in encoder}
     decoder = [p for p in vae.parameters() if id(p) not in encoder_ids]
@@ -141,7 +146,7 @@ def _snr_and_variance(draws: torch.Tensor) -> tuple[float, float]:
 def gradient_draws(vae, objective, x: torch.Tensor, repeats: int,
                    labels: torch.Tensor | None = None,
                    gradient: str = "pathwise") -> dict[str, torch.Tensor]:
-    """R gradients of the per-datapoint loss on ``x``: ``{group: [R, P_group]}``."""
+    """R = ``repeats`` gradients of the per-datapoint loss on ``x``: ``{group: [R, P_group]}``."""
     groups = parameter_groups(vae)
     draws = {name: [] for name in groups}
     loss_module = objective(*with_gradient(vae.model, vae.guide, gradient))

@@ -1,17 +1,19 @@
-"""Evaluation: per-datapoint bounds and an importance-sampled log-likelihood.
+r"""Evaluation: per-datapoint bounds and an importance-sampled log-likelihood.
 
-For each datapoint x and K particles z_k ~ q(z|x), with log w_k from
-:func:`pyro_vae.log_weights.log_weights`:
+For each datapoint :math:`x` and K particles :math:`z_k \sim q(z \mid x)`, with :math:`\log w_k`
+from :func:`pyro_vae.log_weights.log_weights`:
 
-- ``elbo``            = (1/K) Σ_k log w_k, an unbiased estimate of the ELBO;
-- ``reconstruction``  = (1/K) Σ_k log p(x|z_k);
-- ``kl``              = (1/K) Σ_k [log q(z_k|x) − log p(z_k)] (Monte Carlo KL), so that
-  elbo = reconstruction − kl;
-- ``log_likelihood``  = log (1/K) Σ_k w_k, the IWAE_K bound: a consistent estimate of log p(x)
-  that is biased low by ≈ Var(w)/(2K E[w]²) (Burda et al. 2016);
-- ``ess``             = (Σ w_k)² / Σ w_k², the effective sample size of the weights;
-- ``log_likelihood_mc_se`` = √((K/ess − 1)/K), the delta-method Monte Carlo standard error of
-  ``log_likelihood`` (zero when every weight is equal, i.e. q is the exact posterior).
+- ``elbo`` :math:`= \frac{1}{K}\sum_k \log w_k`, an unbiased estimate of the ELBO;
+- ``reconstruction`` :math:`= \frac{1}{K}\sum_k \log p(x \mid z_k)`;
+- ``kl`` :math:`= \frac{1}{K}\sum_k [\log q(z_k \mid x) - \log p(z_k)]` (Monte Carlo KL), so that
+  ``elbo`` = ``reconstruction`` − ``kl``;
+- ``log_likelihood`` :math:`= \log \frac{1}{K}\sum_k w_k`, the IWAE bound: a consistent estimate
+  of :math:`\log p(x)` that is biased low by
+  :math:`\approx \operatorname{Var}(w) / (2K\, \mathbb{E}[w]^2)` (Burda et al. 2016);
+- ``ess`` :math:`= (\sum_k w_k)^2 / \sum_k w_k^2`, the effective sample size of the weights;
+- ``log_likelihood_mc_se`` :math:`= \sqrt{(K/\mathrm{ess} - 1)/K}`, the delta-method Monte Carlo
+  standard error of ``log_likelihood`` (zero when every weight is equal, i.e. :math:`q` is the
+  exact posterior).
 
 Particles are processed in chunks, so K = 5000 on a whole test split runs in bounded memory.
 All bounds are in nats per datapoint; higher is better.
@@ -30,7 +32,8 @@ from .data import Dataset
 from .errors import ConfigError
 from .log_weights import log_weights
 
-#: A latent unit is active when the variance over x of E_q[z_u|x] exceeds this (Burda et al. 2016).
+#: A latent unit is active when the variance over :math:`x` of :math:`\mathbb{E}_q[z_u \mid x]`
+#: exceeds this (Burda et al. 2016).
 ACTIVE_UNIT_THRESHOLD = 0.01
 #: Floats one particle chunk may hold per activation tensor (bounds evaluation memory, ~256 MB).
 _CHUNK_FLOATS = 2**26

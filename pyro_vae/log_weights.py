@@ -2,8 +2,8 @@ r"""The one core every bound reduces: per-datapoint log importance weights of an
 
 For K particles drawn in one vectorized pass (particle dimension leftmost),
 
-.. math:: \log w_{k,b} = \log p_θ(x_b \mid z_{k,b}) + \log p(z_{k,b}) − \log q_φ(z_{k,b} \mid x_b),
-          \qquad\text{shape } [K, \text{batch}].
+.. math:: \log w_{k,b} = \log p_\theta(x_b \mid z_{k,b}) + \log p(z_{k,b})
+          - \log q_\phi(z_{k,b} \mid x_b),\qquad\text{shape } [K, \text{batch}].
 
 **Plates.** The datapoint plate is the plate named ``"data"``. Every site inside it (and inside
 plates nested in it) contributes a *local*, per-datapoint term; nested plates are summed within
@@ -12,38 +12,38 @@ contributes one *global* term per draw. A program with no ``"data"`` plate is on
 everything (a batch of one), so ``iwae`` on it is Pyro's ``RenyiELBO(alpha=0)`` (when no plate
 encloses every site: ``RenyiELBO`` reduces such a plate element by element, as plate "data").
 
-**The hierarchical bound.** With global latents g and local latents z_b,
+**The hierarchical bound.** With global latents :math:`g` and local latents :math:`z_b`,
 
 .. math:: \log p(x) \;\ge\; \mathbb{E}_{q(g)}\Big[\log\frac{p(g)}{q(g)}
           + \sum_b \log p(x_b \mid g)\Big]
           \;\ge\; \mathbb{E}_{q(g)}\Big[\log\frac{p(g)}{q(g)}
           + \sum_b \mathbb{E}\,\log\frac1K\sum_k w_{k,b}(g)\Big],
 
-the first step is Jensen over g (an ELBO over the globals), the second the IWAE bound of each
-datapoint *given the same g* (any K-particle bound ≤ log p(x_b | g) serves). So the K local
-particles must share one draw of g: for the objectives that are non-linear in the particles
-(``iwae``, ``renyi``, ``dreg``, ``vimco``, ``stl`` at K > 1) the particle plate enters only sites
-inside plate ``"data"`` and the globals are drawn once per step. For the linear ones (``elbo``,
-``meanfield``) every site gets the particle dimension and the result equals ``Trace_ELBO``
-particle for particle. The minibatch scale N/B (``scale``) multiplies the local terms only,
-outside every log-mean-exp. Pyro's ``RenyiELBO`` instead draws the globals per particle and
-puts every term, scaled, inside one log-sum-exp over the particles: with global latents and
-local data its value is not a bound on log p(x) (the datapoints' log-mean-exps mix particles
-with different g), and under subsampling N/B sits inside the log-sum-exp.
+the first step is Jensen over :math:`g` (an ELBO over the globals), the second the IWAE bound of
+each datapoint *given the same* :math:`g` (any K-particle bound :math:`\le \log p(x_b \mid g)`
+serves). So the K local particles must share one draw of :math:`g`: for the objectives that are
+non-linear in the particles (``iwae``, ``renyi``, ``dreg``, ``vimco``, ``stl`` at K > 1) the
+particle plate enters only sites inside plate ``"data"`` and the globals are drawn once per step.
+For the linear ones (``elbo``, ``meanfield``) every site gets the particle dimension and the result
+equals ``Trace_ELBO`` particle for particle. The minibatch scale :math:`N/B` (``scale``) multiplies
+the local terms only, outside every log-mean-exp. Pyro's ``RenyiELBO`` instead draws the globals per
+particle and puts every term, scaled, inside one log-sum-exp over the particles: with global latents
+and local data its value is not a bound on :math:`\log p(x)` (the datapoints' log-mean-exps mix
+particles with different :math:`g`), and under subsampling :math:`N/B` sits inside the log-sum-exp.
 
 **Scales and masks** are Pyro's, per site, as ``Trace_ELBO`` applies them: a site's log-density
 is multiplied by its scale (scalar or tensor, from ``poutine.scale`` or a subsampling plate) and
-zeroed where masked. For local sites the data plate's N/B is divided out and returned as
+zeroed where masked. For local sites the data plate's :math:`N/B` is divided out and returned as
 ``scale``; any other scale stays on its site, inside the weight.
 
 **K = 1** runs the program without a particle dimension, as ``Trace_ELBO`` does.
 
-**Discrete latents.** A guide site without ``rsample`` is sampled and its log q kept apart
-(``score_local`` / ``score_global``) for the score-function estimator. Sites marked
+**Discrete latents.** A guide site without ``rsample`` is sampled and its :math:`\log q` kept
+apart (``score_local`` / ``score_global``) for the score-function estimator. Sites marked
 ``infer={"enumerate": "parallel"}`` are enumerated with Pyro's ``poutine.enum``: a model-side
-site (absent from the guide) is summed out of each weight, log Σ_c p(x, c, z_k); a guide-side
-site is summed out of each importance weight, log Σ_c q(c) w_k(c), and averaged over q(c) in the
-ELBO, as ``TraceEnum_ELBO`` does.
+site (absent from the guide) is summed out of each weight, :math:`\log \sum_c p(x, c, z_k)`; a
+guide-side site is summed out of each importance weight, :math:`\log \sum_c q(c)\, w_k(c)`, and
+averaged over :math:`q(c)` in the ELBO, as ``TraceEnum_ELBO`` does.
 
 Objectives (:mod:`pyro_vae.objectives`), the evaluator and the diagnostics all start here.
 """
@@ -91,24 +91,28 @@ class LatentSite:
     spread: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
     def per_particle(self, term: torch.Tensor) -> torch.Tensor:
-        """``term`` ``[particles, batch]`` shaped to broadcast against :attr:`value`."""
+        """``term`` ``[particles, batch]`` shaped to broadcast against ``value``."""
         if self.spread is not None:
             return self.spread(term)
         return term.reshape(term.shape + (1,) * (self.value.dim() - 2))
 
 
 class EnumeratedComponent:
-    """Guide sites enumerated together (``infer={"enumerate": "parallel"}``) and every term
+    r"""Guide sites enumerated together (``infer={"enumerate": "parallel"}``) and every term
     that depends on them, in the enumerated sites' plate context; plates nested further are
     already summed inside. Per element of the context (a datapoint, or a plate element) the
-    enumerated values c are summed out of the importance weight,
-    log Σ_c q(c) w(c) = logsumexp_c [log q(c) + L(c) + β (P(c) − Q(c))], and averaged in the
-    ELBO, Σ_c q(c) [L(c) + β (P(c) − Q(c))]; then the context's plates are summed, leaving
-    ``[particles, batch]`` (local) or ``[particles]`` (global).
+    enumerated values :math:`c` are summed out of the importance weight,
 
-    ``likelihood`` L, ``prior`` P, ``guide`` Q (Q includes log q(c)) and ``log_q`` = log q(c)
-    are raw log-density tensors whose enumeration dims are ``dims``; ``fold`` maps a tensor
-    reduced over them to its final shape."""
+    .. math:: \log \sum_c q(c)\, w(c) = \operatorname{logsumexp}_c
+              \big[\log q(c) + L(c) + \beta\,(P(c) - Q(c))\big],
+
+    and averaged in the ELBO, :math:`\sum_c q(c)\,[L(c) + \beta\,(P(c) - Q(c))]`; then the
+    context's plates are summed, leaving ``[particles, batch]`` (local) or ``[particles]``
+    (global).
+
+    ``likelihood`` :math:`L`, ``prior`` :math:`P`, ``guide`` :math:`Q` (:math:`Q` includes
+    :math:`\log q(c)`) and ``log_q`` :math:`= \log q(c)` are raw log-density tensors whose
+    enumeration dims are ``dims``; ``fold`` maps a tensor reduced over them to its final shape."""
 
     def __init__(self, likelihood, prior, guide, log_q, dims, fold):
         self.likelihood, self.prior, self.guide, self.log_q = likelihood, prior, guide, log_q
@@ -130,21 +134,22 @@ class EnumeratedComponent:
 
 
 class LogWeights:
-    """Per-datapoint log-density terms of K particles, each of shape ``[particles, batch]``.
+    r"""Per-datapoint log-density terms of K particles, each of shape ``[particles, batch]``.
 
-    ``log_likelihood``: log p_θ(x | z) (observed sites, factors, and model sites summed out by
-    enumeration); ``log_prior``: log p(z) (latent sites of the model); ``log_guide``:
-    log q_φ(z | x) (sites of the guide; with ``stop_guide_gradient`` its parameters are
-    stopped and only the path through z carries gradient); ``sites``: the latent sites by name;
-    ``scale``: num_data / batch, the factor that turns a minibatch sum into a data-set estimate.
+    ``log_likelihood``: :math:`\log p_\theta(x \mid z)` (observed sites, factors, and model
+    sites summed out by enumeration); ``log_prior``: :math:`\log p(z)` (latent sites of the
+    model); ``log_guide``: :math:`\log q_\phi(z \mid x)` (sites of the guide; with
+    ``stop_guide_gradient`` its parameters are stopped and only the path through :math:`z`
+    carries gradient); ``sites``: the latent sites by name; ``scale``: ``num_data / batch``, the
+    factor that turns a minibatch sum into a data-set estimate.
 
     Global terms (sites outside plate ``"data"``) are ``global_terms`` = (likelihood, prior,
     guide), each of shape ``[particles]`` (drawn per particle) or ``[1]`` (drawn once and shared
     by the particles); ``None`` when there are none.
-    ``score_local`` ``[particles, batch]`` and ``score_global`` hold log q of the guide sites
-    sampled without ``rsample`` (the score-function factors), ``None`` when there are none.
+    ``score_local`` ``[particles, batch]`` and ``score_global`` hold :math:`\log q` of the guide
+    sites sampled without ``rsample`` (the score-function factors), ``None`` when there are none.
 
-    Enumerated guide sites form :class:`EnumeratedComponent` s (``components``, local, and
+    Enumerated guide sites form :class:`EnumeratedComponent`\ s (``components``, local, and
     ``global_components``): :meth:`total` sums their values out of the importance weight,
     :meth:`expected_total` and the three term properties average over them.
 
@@ -243,28 +248,31 @@ class LogWeights:
         return self._log_likelihood + (latent if beta == 1.0 else beta * latent)
 
     def total(self, beta: float = 1.0) -> torch.Tensor:
-        """log w = log p(x|z) + β (log p(z) − log q(z|x)), ``[particles, batch]``; β = 1 is the
-        usual importance weight. Enumerated guide values are summed out: log Σ_c q(c) w(c)."""
+        r"""The log-weights, ``[particles, batch]``,
+        :math:`\log w = \log p(x \mid z) + \beta\,(\log p(z) - \log q(z \mid x))`;
+        :math:`\beta = 1` is the usual importance weight. Enumerated guide values are summed out:
+        :math:`\log \sum_c q(c)\, w(c)`."""
         total = self._base(beta)
         for component in self.components:
             total = total + component.total(beta)
         return total
 
     def expected_total(self, beta: float = 1.0) -> torch.Tensor:
-        """The ELBO's integrand per particle, ``[particles, batch]``: :meth:`total` without
-        enumeration, E_{q(c)}[log w(c)] with it."""
+        r"""The ELBO's integrand per particle, ``[particles, batch]``: :meth:`total` without
+        enumeration, :math:`\mathbb{E}_{q(c)}[\log w(c)]` with it."""
         total = self._base(beta)
         for component in self.components:
             total = total + component.expected_total(beta)
         return total
 
     def log_mean_weight(self, beta: float = 1.0) -> torch.Tensor:
-        """log (1/K) Σ_k w_k: the per-datapoint IWAE_K bound, ``[batch]``."""
+        r"""The per-datapoint IWAE bound :math:`\log \frac{1}{K}\sum_k w_k`, ``[batch]``."""
         return torch.logsumexp(self.total(beta), dim=0) - math.log(self.particles)
 
     def global_total(self, beta: float = 1.0) -> torch.Tensor | None:
-        """The global terms per draw, log p(x_g|g) + β (log p(g) − log q(g)), averaged over
-        enumerated global guide values; ``None`` if there are none."""
+        r"""The global terms per draw,
+        :math:`\log p(x_g \mid g) + \beta\,(\log p(g) - \log q(g))`, averaged over enumerated
+        global guide values; ``None`` if there are none."""
         if self.global_terms is None and not self.global_components:
             return None
         total = 0.0
@@ -559,7 +567,7 @@ def log_weights(model: Callable, guide: Callable, *args, particles: int = 1,
                 additive: bool | None = None,
                 structure: ProgramStructure | Callable[[], ProgramStructure] | None = None,
                 **kwargs) -> LogWeights:
-    """Trace ``guide`` and replay ``model`` against it with ``particles`` vectorized particles.
+    r"""Trace ``guide`` and replay ``model`` against it with ``particles`` vectorized particles.
 
     Any Pyro model/guide pair: plates (the datapoint plate is ``"data"``), scales, masks,
     factors, global and local latents, discrete sites (see the module docstring). The result is
@@ -576,9 +584,9 @@ def log_weights(model: Callable, guide: Callable, *args, particles: int = 1,
         ``particles == 1``.
     :param stop_guide_gradient: score the guide a second time at the same values with every
         guide parameter stopped (module parameters, ``pyro.param``, ``PyroParam``), so
-        log q(z|x) keeps only the path gradient through z(φ, ε): the gradient used by STL and
-        DReG. The latent sites' values in ``sites`` are then aliases of the samples through
-        which the path gradient of the weights (and only it) flows.
+        :math:`\log q(z \mid x)` keeps only the path gradient through :math:`z(\phi, \epsilon)`: the
+        gradient used by STL and DReG. The latent sites' values in ``sites`` are then aliases of the
+        samples through which the path gradient of the weights (and only it) flows.
     :param structure: the program's :class:`ProgramStructure` (or a function returning it),
         if known; finding it costs one run of the pair.
 

@@ -1,13 +1,14 @@
-"""Networks shared by encoders (``pyro_vae.guides``) and decoders (``pyro_vae.models``).
+r"""Networks shared by encoders (``pyro_vae.guides``) and decoders (``pyro_vae.models``).
 
 A network maps a flat input ``[..., in_features]`` to a flat output ``[..., out_features]`` and
 accepts any number of leading batch dimensions (particles, data), so the same decoder serves one
-sample of z or K vectorized particles. An optional ``context`` ``[..., context_features]``
+sample of :math:`z` or K vectorized particles. An optional ``context`` ``[..., context_features]``
 (a one-hot label for conditional VAEs) is broadcast against the input's leading dimensions and
 joins the input.
 
-Decoder outputs are laid out as k blocks of ``data_dim`` numbers (block-major), one block per
-parameter of the likelihood; the ``conv`` decoder emits its k·C channels in that order.
+Decoder outputs are laid out as :math:`k` blocks of ``data_dim`` numbers (block-major), one block
+per parameter of the likelihood; the ``conv`` decoder emits its :math:`k \cdot C` channels in that
+order.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from .errors import ConfigError
 
+#: The network kinds (``encoder=`` / ``decoder=`` of :class:`pyro_vae.VAE`).
 NETWORKS = ("mlp", "linear", "conv")
 
 
@@ -70,9 +72,10 @@ def _check_image(image_shape: Sequence[int] | None, role: str) -> tuple[int, int
 
 
 class ConvEncoder(nn.Module):
-    """Two stride-2 convolutions (32, 64 channels) then an MLP head on the flattened features.
+    r"""Two stride-2 convolutions (32, 64 channels) then an MLP head on the flattened features.
 
-    Input ``[..., C·H·W]`` (flattened images); 8×8 digits give 2×2×64 features, 28×28 MNIST 7×7×64.
+    Input ``[..., C*H*W]`` (flattened images); 8×8 digits give :math:`2 \times 2 \times 64`
+    features, 28×28 MNIST :math:`7 \times 7 \times 64`.
     """
 
     def __init__(self, image_shape: Sequence[int], out_features: int,
@@ -96,8 +99,9 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """An MLP to a 64×⌈H/4⌉×⌈W/4⌉ feature map, then two stride-2 transposed convolutions to
-    k·C channels at H×W (cropped where H or W is not a multiple of 4)."""
+    r"""An MLP to a :math:`64 \times \lceil H/4 \rceil \times \lceil W/4 \rceil` feature map, then
+    two stride-2 transposed convolutions to :math:`k \cdot C` channels at :math:`H \times W`
+    (cropped where :math:`H` or :math:`W` is not a multiple of 4)."""
 
     def __init__(self, in_features: int, image_shape: Sequence[int], out_features: int,
                  hidden: Sequence[int] = (256,), context_features: int = 0):

@@ -2,11 +2,13 @@ r"""Training objectives, by the names of the public contract.
 
 Every objective reduces the per-datapoint log-weights of :func:`pyro_vae.log_weights.log_weights`
 
-.. math:: \log w_k = \log p_θ(x|z_k) + β\,[\log p(z_k) - \log q_φ(z_k|x)],\qquad z_k \sim q_φ(z|x)
+.. math:: \log w_k = \log p_\theta(x \mid z_k) + \beta\,[\log p(z_k) - \log q_\phi(z_k \mid x)],
+          \qquad z_k \sim q_\phi(z \mid x)
 
 to a per-datapoint *surrogate* ``[batch]`` whose value is the bound and whose gradient is the
-estimator's gradient; the loss is ``−(num_data / batch) · Σ_batch surrogate``, an estimate of the
-whole data set's negative bound in nats. The minibatch scale is applied outside every
+estimator's gradient; the loss is :math:`-\frac{N}{B}\sum_{b=1}^{B} \text{surrogate}_b`
+(``num_data`` :math:`N`, ``batch`` :math:`B`), an estimate of the whole data set's negative bound
+in nats. The minibatch scale is applied outside every
 log-mean-exp (Pyro's ``RenyiELBO`` applies it inside, which mis-scales minibatch IWAE).
 
 Every objective is a Pyro :class:`~pyro.infer.ELBO` (``elbo`` and ``meanfield`` subclass
@@ -15,10 +17,11 @@ Every objective is a Pyro :class:`~pyro.infer.ELBO` (``elbo`` and ``meanfield`` 
 through :class:`pyro_vae.distributed.LossModule` (the ``nn.Module`` that owns the VAE's
 parameters, which DDP wraps). None of them reads the loss back to the host while computing it.
 
-``beta`` (β) multiplies the latent terms; ``beta`` is an attribute that :func:`pyro_vae.fit`
-changes during KL annealing. ``free_bits`` (λ, nats per latent dimension; Kingma et al. 2016)
-replaces the KL by Σ_d max(λ, KL_d), KL_d averaged over the minibatch; it needs a factorized
-guide and prior and is offered by ``elbo`` and ``meanfield`` only.
+``beta`` (:math:`\beta`) multiplies the latent terms; ``beta`` is an attribute that
+:func:`pyro_vae.fit` changes during KL annealing. ``free_bits`` (:math:`\lambda`, nats per latent
+dimension; Kingma et al. 2016) replaces the KL by :math:`\sum_d \max(\lambda, \mathrm{KL}_d)`,
+:math:`\mathrm{KL}_d` averaged over the minibatch; it needs a factorized guide and prior and is
+offered by ``elbo`` and ``meanfield`` only.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ class CoreObjective(ELBO):
     """
 
     name = ""
-    #: whether log q(z|x) is scored with the guide's parameters detached (STL, DReG)
+    #: whether :math:`\log q(z \mid x)` is scored with the guide's parameters detached (STL, DReG)
     stop_guide_gradient = False
     supports_free_bits = False
     #: linear in the particles (ELBO family): every site, global or local, gets the particle
@@ -141,7 +144,8 @@ class CoreObjective(ELBO):
                            **kwargs)
 
     def per_datapoint_bound(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, float]:
-        """The surrogate per datapoint, ``[batch]``, and the minibatch scale num_data / batch."""
+        """The surrogate per datapoint, ``[batch]``, and the minibatch scale
+        ``num_data / batch``."""
         weights = self.weights(model, guide, *args, **kwargs).per_datapoint_only(
             "per_datapoint_bound")
         self._check_supported(weights)
@@ -171,7 +175,8 @@ class CoreObjective(ELBO):
 
     # -- global terms and score-function terms --------------------------------------------------
     def global_surrogate(self, weights: LogWeights) -> torch.Tensor | None:
-        """The globals' ELBO: log p(x_g | g) + β (log p(g) − log q(g)), averaged over draws."""
+        r"""The globals' ELBO, :math:`\log p(x_g \mid g) + \beta\,(\log p(g) - \log q(g))`,
+        averaged over draws."""
         total = weights.global_total(self.beta)
         return None if total is None else total.mean()
 
@@ -248,11 +253,11 @@ class CoreObjective(ELBO):
 class TraceELBO(CoreObjective, Trace_ELBO):
     r"""``elbo``: the evidence lower bound with a Monte Carlo KL, as Pyro's ``Trace_ELBO``.
 
-    .. math:: \mathcal{L}(x) = \frac{1}{K}\sum_{k=1}^K \big[\log p(x|z_k)
-              + β(\log p(z_k) - \log q(z_k|x))\big],\quad z_k \sim q(z|x)
+    .. math:: \mathcal{L}(x) = \frac{1}{K}\sum_{k=1}^K \big[\log p(x \mid z_k)
+              + \beta\,(\log p(z_k) - \log q(z_k \mid x))\big],\quad z_k \sim q(z \mid x)
 
-    Unbiased for the bound; the gradient is the pathwise (reparameterization) gradient,
-    whose variance falls like 1/K. Equal, particle for particle, to ``pyro.infer.Trace_ELBO``.
+    Unbiased for the bound; the gradient is the pathwise (reparameterization) gradient, whose
+    variance falls like :math:`1/K`. Equal, particle for particle, to ``pyro.infer.Trace_ELBO``.
     """
 
     name = "elbo"
@@ -273,8 +278,8 @@ class TraceELBO(CoreObjective, Trace_ELBO):
 class MeanFieldELBO(CoreObjective, TraceMeanField_ELBO):
     r"""``meanfield``: the ELBO with the KL in closed form, as Pyro's ``TraceMeanField_ELBO``.
 
-    .. math:: \mathcal{L}(x) = \frac{1}{K}\sum_{k=1}^K \log p(x|z_k)
-              - β\,\mathrm{KL}\big(q(z|x)\,\|\,p(z)\big)
+    .. math:: \mathcal{L}(x) = \frac{1}{K}\sum_{k=1}^K \log p(x \mid z_k)
+              - \beta\,\mathrm{KL}\big(q(z \mid x)\,\|\,p(z)\big)
 
     The closed-form KL removes that term's Monte Carlo variance.
 
@@ -363,15 +368,16 @@ class IWAE(CoreObjective):
     r"""``iwae``: the importance-weighted bound of Burda et al. (2016), per datapoint.
 
     .. math:: \mathcal{L}_K(x) = \log \frac{1}{K}\sum_{k=1}^K w_k,\quad
-              w_k = \frac{p(x|z_k)\,p(z_k)^β}{q(z_k|x)^β},\ z_k \sim q(z|x)
+              w_k = \frac{p(x \mid z_k)\,p(z_k)^\beta}{q(z_k \mid x)^\beta},\ z_k \sim q(z \mid x)
 
     :math:`\mathcal{L}_1` is the ELBO; in expectation :math:`\mathcal{L}_K` rises monotonically
-    in K towards log p(x). The gradient is the standard IWAE gradient Σ_k w̃_k ∇ log w_k
-    (w̃ = normalized weights), whose signal-to-noise ratio for the guide's parameters decays
-    like 1/√K while the model's grows like √K (Rainforth et al. 2018).
+    in K towards :math:`\log p(x)`. The gradient is the standard IWAE gradient
+    :math:`\sum_k \tilde w_k \nabla \log w_k` (:math:`\tilde w` the normalized weights), whose
+    signal-to-noise ratio for the guide's parameters decays like :math:`1/\sqrt K` while the
+    model's grows like :math:`\sqrt K` (Rainforth et al. 2018).
 
-    .. warning:: With β ≠ 1 the latent terms are weighted inside each w_k; the result is no
-       longer a bound on log p(x).
+    .. warning:: With :math:`\beta \ne 1` the latent terms are weighted inside each :math:`w_k`;
+       the result is no longer a bound on :math:`\log p(x)`.
     """
 
     name = "iwae"
@@ -384,7 +390,8 @@ class IWAE(CoreObjective):
         return weights.log_mean_weight(self.beta)
 
     def local_signal(self, weights: LogWeights, local: torch.Tensor) -> torch.Tensor:
-        """L − log (1/(K−1)) Σ_{j≠k} w_j: the bound minus the bound of the other particles."""
+        r"""The bound minus the bound of the other particles,
+        :math:`L - \log \frac{1}{K-1}\sum_{j \ne k} w_j`."""
         if weights.particles == 1:
             return super().local_signal(weights, local)
         log_w = weights.total(self.beta).detach()
@@ -394,10 +401,11 @@ class IWAE(CoreObjective):
 class Renyi(CoreObjective, RenyiELBO):
     r"""``renyi``: the variational Rényi bound of Li & Turner (2016), per datapoint.
 
-    .. math:: \mathcal{L}_α(x) = \frac{1}{1-α} \log \frac{1}{K}\sum_{k=1}^K w_k^{1-α}
+    .. math:: \mathcal{L}_\alpha(x) = \frac{1}{1-\alpha} \log \frac{1}{K}\sum_{k=1}^K w_k^{1-\alpha}
 
-    α = 0 is the IWAE bound; α → 1 tends to the ELBO; for 0 ≤ α < 1 the bound lies between
-    them, and for α < 0 it can exceed log p(x) (no longer a lower bound). Gradients are pathwise.
+    :math:`\alpha = 0` is the IWAE bound; :math:`\alpha \to 1` tends to the ELBO; for
+    :math:`0 \le \alpha < 1` the bound lies between them, and for :math:`\alpha < 0` it can exceed
+    :math:`\log p(x)` (no longer a lower bound). Gradients are pathwise.
     Unlike Pyro's ``RenyiELBO``, the minibatch scale stays outside the log-mean-exp.
     """
 
@@ -418,7 +426,7 @@ class Renyi(CoreObjective, RenyiELBO):
         return (torch.logsumexp(scaled, 0) - math.log(weights.particles)) / power
 
     def local_signal(self, weights: LogWeights, local: torch.Tensor) -> torch.Tensor:
-        """L_α minus the Rényi bound of the other particles."""
+        r""":math:`L_\alpha` minus the Rényi bound of the other particles."""
         if weights.particles == 1:
             return super().local_signal(weights, local)
         log_w = weights.total(self.beta).detach()
@@ -428,11 +436,13 @@ class Renyi(CoreObjective, RenyiELBO):
 class STL(CoreObjective):
     r"""``stl``: "sticking the landing" (Roeder et al. 2017) for the ELBO (K = 1) or IWAE (K > 1).
 
-    The bound's value is that of ``elbo`` (K = 1) or ``iwae`` (K > 1), but log q(z|x) is scored
-    with the guide's parameters stopped, so the guide's gradient keeps only the path term
-    ∂ log w/∂z · ∂z/∂φ and drops the score term ∇_φ log q_φ(z|x), whose expectation is zero.
-    When q equals the true posterior, log w is constant in z and the guide's gradient is exactly
-    zero for every sample: zero variance at the optimum.
+    The bound's value is that of ``elbo`` (K = 1) or ``iwae`` (K > 1), but
+    :math:`\log q(z \mid x)` is scored with the guide's parameters stopped, so the guide's
+    gradient keeps only the path term
+    :math:`\frac{\partial \log w}{\partial z}\,\frac{\partial z}{\partial \phi}` and drops the
+    score term :math:`\nabla_\phi \log q_\phi(z \mid x)`, whose expectation is zero. When
+    :math:`q` equals the true posterior, :math:`\log w` is constant in :math:`z` and the guide's
+    gradient is exactly zero for every sample: zero variance at the optimum.
 
     .. warning:: For K > 1 the dropped term no longer has zero expectation: STL-IWAE is biased
        for the guide (Tucker et al. 2019); use ``dreg`` for an unbiased alternative.
@@ -454,21 +464,26 @@ class DReG(CoreObjective):
 
     Value: the IWAE_K bound. Gradients:
 
-    - the guide's (φ): Σ_k w̃_k² ∂log w_k/∂z_k · ∂z_k/∂φ, with log q scored with φ stopped;
+    - the guide's (:math:`\phi`):
+      :math:`\sum_k \tilde w_k^2\, \frac{\partial \log w_k}{\partial z_k}\,
+      \frac{\partial z_k}{\partial \phi}`, with :math:`\log q` scored with :math:`\phi` stopped;
       unbiased for the IWAE gradient, and its signal-to-noise ratio does not decay with K;
-    - the model's (θ): the plain IWAE gradient Σ_k w̃_k ∇_θ log w_k.
+    - the model's (:math:`\theta`): the plain IWAE gradient
+      :math:`\sum_k \tilde w_k \nabla_\theta \log w_k`.
 
-    Implementation: the IWAE bound over stopped-φ log-weights already gives the θ gradient and
-    w̃_k ∂log w_k/∂z_k at each z_k; a gradient hook multiplies the latter by w̃_k. The hook sits
-    on an alias of z_k through which only the weights read it (the *partial* derivative of
-    log w_k as a function of all of particle k's latents); the guide's own dependence of a later
-    site on an earlier one (z₂ drawn given z₁) is then chained through unweighted, so w̃_k
-    is applied once per path, as the identity requires. Global latents (outside plate "data")
-    are shared by the particles: they keep the path gradient of their ELBO term, and the local
-    sites are scored given stopped globals, which act as parameters of the local guide.
+    Implementation: the IWAE bound over stopped-:math:`\phi` log-weights already gives the
+    :math:`\theta` gradient and :math:`\tilde w_k\, \partial \log w_k / \partial z_k` at each
+    :math:`z_k`; a gradient hook multiplies the latter by :math:`\tilde w_k`. The hook sits on an
+    alias of :math:`z_k` through which only the weights read it (the *partial* derivative of
+    :math:`\log w_k` as a function of all of particle k's latents); the guide's own dependence of a
+    later site on an earlier one (:math:`z_2` drawn given :math:`z_1`) is then chained through
+    unweighted, so :math:`\tilde w_k` is applied once per path, as the identity requires. Global
+    latents (outside plate "data") are shared by the particles: they keep the path gradient of their
+    ELBO term, and the local sites are scored given stopped globals, which act as parameters of the
+    local guide.
 
-    .. warning:: The identity behind DReG needs w = p(x, z)/q(z|x); β ≠ 1 (and so KL annealing)
-       breaks it and is refused.
+    .. warning:: The identity behind DReG needs :math:`w = p(x, z)/q(z \mid x)`;
+       :math:`\beta \ne 1` (and so KL annealing) breaks it and is refused.
     """
 
     name = "dreg"
@@ -507,9 +522,10 @@ class VIMCO(IWAE):
     .. math:: \hat L - \log \frac1K \Big(\sum_{j\ne k} w_j + \hat w_{-k}\Big),\qquad
               \hat w_{-k} = \exp\Big(\frac{1}{K-1}\sum_{j\ne k}\log w_j\Big),
 
-    the bound minus the bound with w_k replaced by the others' geometric mean: a baseline that
-    does not depend on z_k, so the estimator stays unbiased, and that tracks the bound closely.
-    Reparameterized sites keep their pathwise IWAE gradient. At K = 1 (the ELBO) the control
+    the bound minus the bound with :math:`w_k` replaced by the others' geometric mean: a baseline
+    that does not depend on :math:`z_k`, so the estimator stays unbiased, and that tracks the bound
+    closely. Reparameterized sites keep their pathwise IWAE gradient. At K = 1 (the ELBO) the
+    control
     variate is a running mean of past values.
     """
 
@@ -533,6 +549,8 @@ class VIMCO(IWAE):
         return local.detach() - baseline
 
 
+#: The objectives by name, the names of the public contract (``objective=`` of
+#: :func:`pyro_vae.fit`).
 OBJECTIVES: dict[str, type[CoreObjective]] = {
     "elbo": TraceELBO,
     "meanfield": MeanFieldELBO,

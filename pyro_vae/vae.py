@@ -46,21 +46,26 @@ def _latent_space(distribution) -> str:
 
 
 class VAE(nn.Module):
-    """A variational autoencoder as a Pyro model/guide pair.
+    r"""A variational autoencoder as a Pyro model/guide pair.
 
     :param data_shape: shape of one datapoint, e.g. ``64`` or ``(1, 8, 8)``; data are passed to
         :meth:`model` / :meth:`guide` flattened, as ``[batch, prod(data_shape)]``.
-    :param latent_dim: dimension of z.
+    :param latent_dim: dimension of :math:`z`.
     :param prior: a name from ``pyro_vae.models.priors.PRIORS`` or a prior object.
     :param likelihood: a name from ``pyro_vae.models.likelihoods.LIKELIHOODS`` or an object.
     :param guide: a name from ``pyro_vae.guides.posteriors.POSTERIORS`` or an object.
-    :param encoder, decoder: network kinds (``"mlp"``, ``"linear"`` or ``"conv"`` for C×H×W
+    :param encoder: the encoder network's kind (``"mlp"``, ``"linear"`` or ``"conv"`` for C×H×W
         image data).
+    :param decoder: the decoder network's kind, as for ``encoder``.
     :param hidden: hidden layer widths of ``mlp`` networks (``conv`` uses the first for its head).
-    :param prior_options, likelihood_options, guide_options: keyword arguments for components
-        given by name, e.g. ``likelihood_options={"scale": 0.1}``.
-    :param conditional: a conditional VAE, p_θ(x | z, y) and q_φ(z | x, y), for integer labels
-        y in ``range(num_classes)``, fed to both networks as one-hot vectors.
+    :param prior_options: keyword arguments for a prior given by name, e.g. ``{"components": 3}``.
+    :param likelihood_options: keyword arguments for a likelihood given by name, e.g.
+        ``likelihood_options={"scale": 0.1}``.
+    :param guide_options: keyword arguments for a guide given by name.
+    :param conditional: a conditional VAE, :math:`p_\theta(x \mid z, y)` and
+        :math:`q_\phi(z \mid x, y)`, for integer labels :math:`y` in ``range(num_classes)``, fed
+        to both networks as one-hot vectors.
+    :param num_classes: the number of classes (at least 2) of a conditional VAE.
     """
 
     def __init__(self, data_shape: int | Sequence[int], latent_dim: int = 8, *,
@@ -160,6 +165,7 @@ class VAE(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "VAE":
+        """The VAE that a :attr:`config` dict describes (fresh, untrained parameters)."""
         return cls(**config)
 
     @property
@@ -171,10 +177,10 @@ class VAE(nn.Module):
         """Checked integer labels of a conditional VAE on its device (a scalar is broadcast to
         ``batch`` when given); ``None`` for an unconditional VAE, which refuses labels.
 
-        The range 0..num_classes−1 is checked while Pyro's validation is on (the default), as
-        Pyro checks a distribution's support: reading the check's result is a host
-        synchronisation on a GPU, so training checks every split's labels once, up front, and
-        its steps run with validation off."""
+        The range ``0 .. num_classes - 1`` is checked while Pyro's validation is on (the default),
+        as Pyro checks a distribution's support: reading the check's result is a host
+        synchronisation on a GPU, so training checks every split's labels once, up front, and its
+        steps run with validation off."""
         if not self.conditional:
             if y is not None:
                 raise ConfigError("labels y were given to a VAE that is not conditional")
@@ -203,15 +209,18 @@ class VAE(nn.Module):
         return (y.unsqueeze(-1) == classes).to(torch.get_default_dtype())
 
     def encoder_output(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The encoder network's output g_φ(x[, y]), which parameterizes the guide family."""
+        r"""The encoder network's output :math:`g_\phi(x)` (:math:`g_\phi(x, y)` for a
+        conditional VAE), which parameterizes the guide family."""
         return self.encoder(x, self.one_hot(y, x.shape[0]))
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> pyro.distributions.Distribution:
-        """q_φ(z | x[, y]) for a batch ``x`` of shape ``[batch, data_dim]``."""
+        r""":math:`q_\phi(z \mid x)` (:math:`q_\phi(z \mid x, y)` for a conditional VAE) for a
+        batch ``x`` of shape ``[batch, data_dim]``."""
         return self.guide_family.distribution(self.encoder_output(x, y))
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> pyro.distributions.Distribution:
-        """p_θ(x | z[, y]) for latents ``z`` of shape ``[..., latent_dim]``."""
+        r""":math:`p_\theta(x \mid z)` (:math:`p_\theta(x \mid z, y)` for a conditional VAE) for
+        latents ``z`` of shape ``[..., latent_dim]``."""
         return self.likelihood.distribution(self.decoder(z, self.one_hot(y, z.shape[-2] if z.ndim > 1 else 1)))
 
     # -- the Pyro programs ---------------------------------------------------------------------
@@ -229,7 +238,8 @@ class VAE(nn.Module):
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None,
               num_data: int | None = None) -> torch.Tensor:
-        """p(z) p_θ(x|z): latent site ``"z"``, observed site ``"x"``, plate ``"data"``."""
+        r"""The model :math:`p(z)\, p_\theta(x \mid z)`: latent site ``"z"``, observed site ``"x"``,
+        plate ``"data"``."""
         pyro.module(f"{self._pyro_name}.decoder", self.decoder)
         pyro.module(f"{self._pyro_name}.prior", self.prior)
         pyro.module(f"{self._pyro_name}.likelihood", self.likelihood)
@@ -239,7 +249,7 @@ class VAE(nn.Module):
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None,
               num_data: int | None = None) -> torch.Tensor:
-        """q_φ(z|x): latent site ``"z"`` in plate ``"data"``."""
+        r"""The guide :math:`q_\phi(z \mid x)`: latent site ``"z"`` in plate ``"data"``."""
         pyro.module(f"{self._pyro_name}.encoder", self.encoder)
         pyro.module(f"{self._pyro_name}.guide_family", self.guide_family)
         # The family's infer dict, e.g. enumeration of a discrete z (pyro.sample copies it; an
@@ -251,9 +261,9 @@ class VAE(nn.Module):
     # -- conveniences --------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, y: torch.Tensor | int | None = None) -> torch.Tensor:
-        """Decoder means E[x | z(, y)] for ``n`` draws z ~ p(z): ``[n, data_dim]``. For a
-        conditional VAE ``y`` fixes the label (an int, or one per sample); by default the
-        labels cycle through the classes."""
+        r"""Decoder means :math:`\mathbb{E}[x \mid z]` (:math:`\mathbb{E}[x \mid z, y]`) for ``n``
+        draws :math:`z \sim p(z)`: ``[n, data_dim]``. For a conditional VAE ``y`` fixes the label
+        (an int, or one per sample); by default the labels cycle through the classes."""
         if self.conditional and y is None:
             y = torch.arange(n, device=self.device) % self.num_classes
         return self.decode(self.prior.distribution().sample((n,)), y).mean
@@ -261,7 +271,8 @@ class VAE(nn.Module):
     @torch.no_grad()
     def posterior_mean(self, x: torch.Tensor, y: torch.Tensor | None = None,
                        samples: int = 256) -> torch.Tensor:
-        """E_q[z | x], in closed form where the guide family has one, else from samples."""
+        r""":math:`\mathbb{E}_q[z \mid x]`, in closed form where the guide family has one, else from
+        samples."""
         q = self.encode(x, y)
         try:
             return q.mean
@@ -270,5 +281,6 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder means E[x | z = E_q[z|x]]: ``[batch, data_dim]``."""
+        r"""Decoder means :math:`\mathbb{E}[x \mid z = \mathbb{E}_q[z \mid x]]`:
+        ``[batch, data_dim]``."""
         return self.decode(self.posterior_mean(x, y), y).mean
