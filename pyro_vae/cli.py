@@ -1,5 +1,5 @@
 """The ``pyro-vae`` command line: ``train``, ``evaluate``, ``sample``, ``compare-estimators``,
-``diagnose``, ``compare`` and ``explore``.
+``diagnose``, ``compare``, ``explore`` and ``plot``.
 
 Every error a user can cause ends with one line on stderr (``pyro-vae: error: …``) and exit
 status 2; no traceback, and no run directory is left behind by a run that could not start.
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue RUN_DIR from its checkpoint (with --epochs: up to that many)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the configuration, the data and that the objective scores "
+                            "the model; train nothing, write nothing")
 
     evaluate = commands.add_parser("evaluate", help="bounds and log-likelihood of a trained run")
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
@@ -150,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=_integer, default=0, metavar="S")
     sample.add_argument("--label", type=_non_negative_int, metavar="Y",
                         help="class to generate (conditional runs; default: cycle the classes)")
+    sample.add_argument("--overwrite", action="store_true",
+                        help="allow --out to replace a file of a run directory")
+    explore.add_argument("--overwrite", action="store_true",
+                         help="allow --out to be a run directory whose figures it replaces")
+    compare.add_argument("--overwrite", action="store_true",
+                         help="allow --plot to replace a file of a run directory")
+
+    plot = commands.add_parser(
+        "plot", help="write a run's figures again (reconstructions, samples, loss)",
+        description="Regenerate reconstructions.png, samples.png and loss.png of a run from its "
+                    "weights and metrics (after a crash or a full disk while they were written).")
+    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("--data", metavar="NAME|PATH", help="default: the run's data")
+
     for command in commands.choices.values():
         command.add_argument("--threads", type=_positive_int, metavar="N",
                              help="CPU threads for torch's operations (default: torch's "
@@ -187,20 +204,27 @@ def _resume(args: argparse.Namespace) -> int:
     from .training import resume
 
     allowed = {"resume", "epochs", "device", "quiet", "eval_particles", "command", "threads",
-               "tensorboard"}
+               "tensorboard", "data"}
     given = sorted(name for name, value in vars(args).items()
-                   if value is not None and name not in allowed and name != "quiet")
+                   if value is not None and name not in allowed and name not in ("quiet", "dry_run"))
     if given:
         raise ConfigError(f"--{given[0].replace('_', '-')} cannot change a resumed run "
-                          "(only --epochs, --device, --tensorboard and --threads can)")
+                          "(only --epochs, --device, --eval-particles, --tensorboard, --threads "
+                          "and --data, where the run's own data have moved, can)")
+    if args.dry_run:
+        raise ConfigError("--dry-run checks a new run's configuration; it does not apply to "
+                          "--resume")
     started = time.perf_counter()
     result = resume(args.resume, epochs=args.epochs, device=args.device or "auto",
-                    progress=not args.quiet, callbacks=_tracking(args.tensorboard))
+                    progress=not args.quiet, callbacks=_tracking(args.tensorboard),
+                    data=args.data)
     if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
         return _finish_distributed()
     last = result.history[-1]
     print(f"resumed and trained to epoch {last['epoch']} in {time.perf_counter() - started:.1f} s; "
           f"validation ELBO {last['val_elbo']:.3f} nats per datapoint")
+    particles = config.DEFAULTS["eval_particles"] if args.eval_particles is None else args.eval_particles
+    _final_evaluation(result, result.dataset, particles)
     print(f"run directory: {result.run_dir}")
     return _finish_distributed()
 
@@ -231,14 +255,37 @@ def _build(options: dict[str, Any]):
     return dataset, vae
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _final_evaluation(result, dataset, particles: int) -> None:
+    """The test split's summary at K = ``particles`` into ``evaluation.json`` (atomically); with
+    K = 0 a stale ``evaluation.json`` (of an earlier epoch) is removed."""
     from .evaluation import evaluate
-    from .training import fit
+    from .runs import write_json
+
+    path = result.run_dir / "evaluation.json"
+    if not particles:
+        path.unlink(missing_ok=True)
+        return
+    summary = evaluate(result.vae, dataset, particles=particles, split="test").summary
+    write_json(path, summary)
+    print(f"test log-likelihood (K={summary['particles']}): {summary['log_likelihood']:.3f} "
+          f"± {summary['log_likelihood_se']:.3f} nats per datapoint; "
+          f"ELBO {summary['elbo']:.3f}; active units {summary['active_units']}"
+          f"/{result.vae.latent_dim}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import check_only, fit
 
     if args.resume:
         return _resume(args)
     options = _train_options(args)
     dataset, vae = _build(options)
+    if args.dry_run:
+        training = {option.name: options[option.name] for option in config.TRAINING}
+        check_only(vae, dataset, **training)
+        print(f"dry run: the configuration is valid, and {options['objective']} scores the model "
+              f"on {dataset.name}; nothing was written")
+        return 0
     out = options["out"] or (f"runs/{Path(dataset.name).stem}-{options['objective']}-"
                              f"{time.strftime('%Y%m%d-%H%M%S')}")
     started = time.perf_counter()
@@ -250,14 +297,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = result.history[-1]
     print(f"trained {options['epochs']} epochs in {time.perf_counter() - started:.1f} s; "
           f"validation ELBO {last['val_elbo']:.3f} nats per datapoint")
-    if options["eval_particles"]:
-        summary = evaluate(vae, dataset, particles=int(options["eval_particles"]),
-                           split="test").summary
-        (result.run_dir / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"test log-likelihood (K={summary['particles']}): {summary['log_likelihood']:.3f} "
-              f"± {summary['log_likelihood_se']:.3f} nats per datapoint; "
-              f"ELBO {summary['elbo']:.3f}; active units {summary['active_units']}"
-              f"/{vae.latent_dim}")
+    _final_evaluation(result, dataset, int(options["eval_particles"]))
     print(f"run directory: {result.run_dir}")
     return _finish_distributed()
 
@@ -331,6 +371,8 @@ def cmd_compare_estimators(args: argparse.Namespace) -> int:
     plot = Path(args.plot).expanduser() if args.plot else None
     if plot is not None and (plot.suffix.lower() != ".png" or not plot.parent.is_dir()):
         raise ConfigError(f"--plot must be a .png file in an existing directory, not {args.plot!r}")
+    if plot is not None:
+        _refuse_replacing_run_files(plot.parent, [plot.name], "--plot", args.overwrite)
     if args.run_dir:
         fresh = ["config", *(f"{kind}_option" for kind in config.COMPONENT_SECTIONS),
                  *(option.name for option in config.OPTIONS
@@ -411,6 +453,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+_EXPLORE_FIGURES = ("interpolation.png", "traversals.png", "latent_scatter.png",
+                    "reconstructions.png", "anomalies.png", "probe.png")
+
+
 def cmd_explore(args: argparse.Namespace) -> int:
     from . import applications
     from .runs import load_run
@@ -422,6 +468,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser() if args.out else run.path / "explore"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
+    _refuse_replacing_run_files(out, _EXPLORE_FIGURES, "--out", args.overwrite)
     x = dataset.split(args.split)
     if x.shape[0] < 2:
         raise ConfigError(f"split {args.split!r} has fewer than 2 datapoints")
@@ -477,6 +524,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"directory for --out does not exist: {out.parent}")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name")
+    _refuse_replacing_run_files(out.parent, [out.name], "--out", args.overwrite)
     run = load_run(args.run_dir)
     if args.label is not None:
         if not run.vae.conditional:
@@ -495,12 +543,51 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .runs import load_run
+    from .training import check_compatible, write_figures
+
+    run = load_run(args.run_dir)
+    dataset = run.data(args.data)
+    check_compatible(run.vae, dataset)
+    write_figures(run.vae, dataset, run.history, run.path)
+    print(f"figures: {run.path}/ (reconstructions.png, samples.png, loss.png)")
+    return 0
+
+
+#: The files of a run directory that another command's output must not replace unasked.
+_RUN_FILES = ("config.json", "weights.pt", "checkpoint.pt", "metrics.jsonl", "evaluation.json",
+              "reconstructions.png", "samples.png", "loss.png", "diagnostics.nc")
+
+
+def _refuse_replacing_run_files(folder: Path, names: Sequence[str], flag: str,
+                                overwrite: bool) -> None:
+    """One line instead of silently replacing a run's own file (``--overwrite`` allows it)."""
+    if overwrite or not (folder / "config.json").is_file():
+        return
+    clash = [name for name in names if name in _RUN_FILES and (folder / name).exists()]
+    if clash:
+        raise ConfigError(f"{flag} would replace {folder / clash[0]}, a file of the run in "
+                          f"{folder}; choose another name, or pass --overwrite")
+
+
+COMMANDS = {"plot": cmd_plot, "train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
             "compare-estimators": cmd_compare_estimators, "explore": cmd_explore,
             "diagnose": cmd_diagnose, "compare": cmd_compare}
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop: handled as Ctrl-C is (one line, exit 130)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
     from .training import TrainingInterrupted
 
     parser = build_parser()
@@ -509,6 +596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except PyroVAEError as exc:
@@ -517,9 +607,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"pyro-vae {args.command}: interrupted by {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        cause = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
+        print(f"pyro-vae {args.command}: interrupted by {cause}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # the file system refused: a long name, a read-only folder, a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"pyro-vae {args.command}: error: {where}{reason}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Figures written to a run directory: reconstructions, samples, and the loss curves."""
+"""Figures written to a run directory: reconstructions, samples, and the loss curves.
+
+Every figure is written atomically (:func:`pyro_vae.runs.atomic_write`): a full disk or a crash
+leaves the previous figure, never an empty or torn PNG."""
 
 from __future__ import annotations
 
@@ -16,29 +19,37 @@ def as_images(x: torch.Tensor, data_shape: Sequence[int]) -> torch.Tensor:
     return x.reshape(x.shape[0], 1, 1, -1)
 
 
-def save_grid(x: torch.Tensor, data_shape: Sequence[int], path: str | Path, nrow: int = 8) -> Path:
-    """Save datapoints as an image grid (values clamped to [0, 1], upscaled for small images)."""
+def _image_format(path: Path) -> str:
+    """The image format that the name of ``path`` asks for (PNG without a known suffix)."""
+    suffix = path.suffix.lower().lstrip(".")
+    return {"jpg": "jpeg", "tif": "tiff"}.get(suffix, suffix) or "png"
+
+
+def _save_image(grid: torch.Tensor, path: str | Path) -> Path:
+    """``torchvision.utils.save_image`` into a temporary file renamed over ``path``."""
     from torchvision.utils import save_image  # torchvision is slow to import
 
-    save_image(image_grid(x, data_shape, nrow), str(path))
-    return Path(path)
+    from .runs import atomic_write
+
+    path = Path(path)
+    atomic_write(path, lambda stream: save_image(grid, stream, format=_image_format(path)))
+    return path
+
+
+def save_grid(x: torch.Tensor, data_shape: Sequence[int], path: str | Path, nrow: int = 8) -> Path:
+    """Save datapoints as an image grid (values clamped to [0, 1], upscaled for small images)."""
+    return _save_image(image_grid(x, data_shape, nrow), path)
 
 
 def save_reconstructions(vae, x: torch.Tensor, path: str | Path, n: int = 32,
                          labels: torch.Tensor | None = None) -> Path:
     """Originals (odd rows) above their reconstructions (even rows)."""
-    from torchvision.utils import save_image
-
-    save_image(reconstruction_grid(vae, x, n, labels), str(path))
-    return Path(path)
+    return _save_image(reconstruction_grid(vae, x, n, labels), path)
 
 
 def save_samples(vae, path: str | Path, n: int = 64) -> Path:
     """Decoder means of ``n`` draws from the prior."""
-    from torchvision.utils import save_image
-
-    save_image(sample_grid(vae, n), str(path))
-    return Path(path)
+    return _save_image(sample_grid(vae, n), path)
 
 
 def loss_figure(history: list[dict]) -> plt.Figure:
@@ -56,10 +67,18 @@ def loss_figure(history: list[dict]) -> plt.Figure:
 
 
 def save_loss(history: list[dict], path: str | Path) -> Path:
+    """:func:`loss_figure` saved (atomically) to ``path``."""
+    from .runs import atomic_write
+
+    path = Path(path)
     fig = loss_figure(history)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    try:
+        suffix = path.suffix.lower().lstrip(".")
+        fmt = suffix if suffix in fig.canvas.get_supported_filetypes() else "png"
+        atomic_write(path, lambda stream: fig.savefig(stream, format=fmt, dpi=100))
+    finally:
+        plt.close(fig)
+    return path
 
 
 # -- the same figures as image tensors (for experiment trackers: TensorBoard, MLflow) ----------

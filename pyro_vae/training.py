@@ -19,6 +19,7 @@ from one schema (:mod:`pyro_vae.config`).
 from __future__ import annotations
 
 import errno
+from contextlib import nullcontext
 import inspect
 import math
 import os
@@ -60,6 +61,8 @@ class FitResult:
     history: list[dict[str, Any]]
     config: dict[str, Any]
     run_dir: Path | None = None
+    #: the data trained on (on the training device)
+    dataset: Dataset | None = None
 
 
 class Trainer:
@@ -95,7 +98,9 @@ class Trainer:
         self.loss_module = distributed.wrap(vae, objective, context)
         self.order_generator = torch.Generator().manual_seed(config.seed)
         self.state = LoopState() if checkpoint is None else load_state(
-            checkpoint, vae, self.optimizer, self.order_generator, context)
+            checkpoint, vae, self.optimizer, self.order_generator, context,
+            num_train=len(self.dataset.train),
+            where=str(run_dir / runs.CHECKPOINT_FILE) if run_dir is not None else "the checkpoint")
         self.history = list(history or [])
         self.num_data = self.dataset.train.shape[0]
         self.steps_per_epoch = math.ceil(self.num_data / config.batch_size)
@@ -264,17 +269,8 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor,
 
     All input is checked before the run directory is created.
     """
-    if isinstance(options.get("device"), torch.device):
-        options["device"] = str(options["device"])
-    config = schema.training_config({"objective": objective, **options}, where="fit")
-    dataset = as_dataset(data)
-    check_compatible(vae, dataset)
-    loss_fn = make_objective(config.objective, config.particles, config.beta,
-                             free_bits=config.free_bits, alpha=config.alpha)
-    context = distributed.context_from_environment(resolve_device(config.device))
+    config, dataset, loss_fn, context = _prepare(vae, data, objective, options)
     torch_device = context.device
-    vae.to(torch_device)
-    dry_run(vae, loss_fn, dataset)
     if context.distributed and not context.is_main:
         out = None  # rank 0 alone writes the run directory
     full_config = {
@@ -289,49 +285,93 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor,
     run_dir = runs.prepare_run_dir(out) if out is not None else None
     if run_dir is not None:
         check_free_space(vae, run_dir, created=not existed)
-    try:
+    with runs.lock_run(run_dir) if run_dir is not None else nullcontext():
+        try:
+            if run_dir is not None:
+                runs.write_config(run_dir, full_config)
+            history = Trainer(vae, dataset, config, loss_fn, device=torch_device, run_dir=run_dir,
+                              run_config=full_config, context=context, callbacks=callbacks,
+                              progress=progress).run()
+        except BaseException:
+            if (run_dir is not None and not runs.read_metrics(run_dir)
+                    and not (run_dir / runs.CHECKPOINT_FILE).exists()):
+                # Nothing worth keeping (no epoch ended, no checkpoint): no half-written run.
+                for child in run_dir.iterdir() if existed else ():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+                if not existed:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         if run_dir is not None:
-            runs.write_config(run_dir, full_config)
-        history = Trainer(vae, dataset, config, loss_fn, device=torch_device, run_dir=run_dir,
-                          run_config=full_config, context=context, callbacks=callbacks,
-                          progress=progress).run()
-    except BaseException:
-        if (run_dir is not None and not runs.read_metrics(run_dir)
-                and not (run_dir / runs.CHECKPOINT_FILE).exists()):
-            # Nothing worth keeping (no epoch ended, no checkpoint): leave no half-written run.
-            for child in run_dir.iterdir() if existed else ():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-            if not existed:
-                shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    if run_dir is not None:
-        write_figures(vae, dataset.to(torch_device), history, run_dir)
-    return FitResult(vae=vae, history=history, config=full_config, run_dir=run_dir)
+            write_figures(vae, dataset.to(torch_device), history, run_dir)
+    return FitResult(vae=vae, history=history, config=full_config, run_dir=run_dir,
+                     dataset=dataset.to(torch_device))
 
 
 fit.__signature__ = _fit_signature()
 
 
+def _prepare(vae, data, objective: str, options: dict[str, Any]):
+    """Everything fit checks before it writes anything: the options, the data against the VAE,
+    the objective, the device, and a validated dry run of the objective on two datapoints."""
+    if isinstance(options.get("device"), torch.device):
+        options["device"] = str(options["device"])
+    config = schema.training_config({"objective": objective, **options}, where="fit")
+    dataset = as_dataset(data)
+    check_compatible(vae, dataset)
+    loss_fn = make_objective(config.objective, config.particles, config.beta,
+                             free_bits=config.free_bits, alpha=config.alpha)
+    context = distributed.context_from_environment(resolve_device(config.device))
+    vae.to(context.device)
+    dry_run(vae, loss_fn, dataset)
+    return config, dataset, loss_fn, context
+
+
+def check_only(vae, data: Dataset | str | Path | torch.Tensor,
+               objective: str = schema.BY_NAME["objective"].default, **options: Any) -> TrainConfig:
+    """Make every check :func:`fit` makes before training (the options, the data against the
+    VAE, the objective scoring the model on two datapoints with validation on), and train
+    nothing, write nothing; returns the resolved :class:`TrainConfig`. ``pyro-vae train
+    --dry-run`` runs this."""
+    return _prepare(vae, data, objective, options)[0]
+
+
 def resume(run_dir: str | Path, epochs: int | None = None, device: str = "auto",
-           progress: bool = True, callbacks: Sequence[Callback] = ()) -> FitResult:
+           progress: bool = True, callbacks: Sequence[Callback] = (),
+           data: str | Path | None = None) -> FitResult:
     """Continue the run in ``run_dir`` from its ``checkpoint.pt`` (up to ``epochs`` in all,
     default: the run's own). On the same device with the same software the result is exactly
     that of an uninterrupted run: model, optimizer, random-number and epoch-position state are
     all restored. A run trained under torchrun resumes exactly under torchrun with as many
-    processes (each rank takes back its own random-number stream), or in one process."""
+    processes (each rank takes back its own random-number stream), or in one process. The
+    data are the run's own, checked against the size and SHA-256 it recorded; ``data`` finds
+    them elsewhere when the run or the file has moved."""
     run = runs.load_run(run_dir)
-    checkpoint = runs.load_checkpoint(run.path)
+    # another process training or resuming this run is refused before anything is written
+    with runs.lock_run(run.path) if _is_main_process() else nullcontext():
+        runs.clean_temporary_files(run.path)
+        return _resume(run, epochs, device, progress, callbacks, data)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _resume(run, epochs, device, progress, callbacks, data) -> FitResult:
+    checkpoint = runs.load_checkpoint(run.path, vae=run.vae)
     processes = checkpoint_processes(checkpoint)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and world_size != processes:
         raise ConfigError(f"{run.path} was checkpointed by {processes} process(es); resume it "
                           + (f"with torchrun --nproc_per_node={processes}" if processes > 1
                              else "without torchrun"))
-    training = dict(run.config.get("training", {}))
+    training = run.config.get("training")
+    where = run.path / runs.CONFIG_FILE
+    if not isinstance(training, dict):
+        raise runs.RunError(f"{where} has no valid 'training' section; the run cannot be resumed")
     try:
-        config = TrainConfig(**training)
-    except TypeError as exc:
-        raise runs.RunError(f"{run.path}: the training configuration is not valid ({exc})") from None
+        config = schema.training_config({**training, "device": "cpu"}, where=str(where))
+    except ConfigError as exc:
+        raise runs.RunError(f"{exc} (the run's training configuration)") from None
     if epochs is not None:
         config.epochs = epochs
     config.device = str(device)
@@ -344,25 +384,30 @@ def resume(run_dir: str | Path, epochs: int | None = None, device: str = "auto",
     if data_name in (None, "tensor", "array"):
         raise runs.RunError(f"{run.path} was trained on in-memory data; it cannot be resumed "
                             "from the command line (call fit with the same data instead)")
-    dataset = run.data()
+    dataset = run.data(None if data is None else str(data), verify=True)
     vae = run.vae
     check_compatible(vae, dataset)
     loss_fn = make_objective(config.objective, config.particles, config.beta,
                              free_bits=config.free_bits, alpha=config.alpha)
     context = distributed.context_from_environment(resolve_device(config.device))
     torch_device = context.device
+    vae.to(torch_device)
+    dry_run(vae, loss_fn, dataset)
     history = [row for row in run.history if row["epoch"] <= finished]
     full_config = {**run.config, "training": asdict(config)}
     run_dir = run.path if context.is_main else None  # rank 0 alone writes
+    # the trainer restores the checkpoint (and refuses a damaged one) before anything is written
+    trainer = Trainer(vae, dataset, config, loss_fn, device=torch_device, run_dir=run_dir,
+                      run_config=full_config, context=context, callbacks=callbacks,
+                      progress=progress, checkpoint=checkpoint, history=history)
     if run_dir is not None:
         runs.write_metrics(run_dir, history)  # drop a row written after the checkpoint, if any
         runs.write_config(run_dir, full_config)
-    history = Trainer(vae, dataset, config, loss_fn, device=torch_device, run_dir=run_dir,
-                      run_config=full_config, context=context, callbacks=callbacks,
-                      progress=progress, checkpoint=checkpoint, history=history).run()
+    history = trainer.run()
     if run_dir is not None:
         write_figures(vae, dataset.to(torch_device), history, run_dir)
-    return FitResult(vae=vae, history=history, config=full_config, run_dir=run_dir)
+    return FitResult(vae=vae, history=history, config=full_config, run_dir=run_dir,
+                     dataset=dataset.to(torch_device))
 
 
 def _nonfinite_term(vae, x, y, num_data: int) -> str:

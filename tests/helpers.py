@@ -1,13 +1,18 @@
 """Test helpers shared by several modules: a linear-Gaussian VAE with a closed-form evidence and
-posterior, and a guide set to (a shift of) that posterior."""
+posterior, a guide set to (a shift of) that posterior, and running the command line in-process
+(``invoke``) with a snapshot of the files it must leave alone."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from pyro_vae import VAE
+from pyro_vae.cli import main
 
 
 @dataclass
@@ -71,3 +76,40 @@ def make_linear_gaussian(data_dim: int = 6, latent_dim: int = 2, sigma: float = 
     problem = LinearGaussian(vae, W, mu, sigma, x)
     set_diagonal_guide(problem)
     return problem
+
+
+# -- the command line in this process ------------------------------------------------------
+
+class Outcome(NamedTuple):
+    code: int
+    stdout: str
+    stderr: str
+    warnings: list[str]
+
+
+def invoke(argv: list[str], capsys) -> Outcome:
+    """``main(argv)`` with its exit code, output and the warnings the real CLI would print."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse usage errors
+            code = exc.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # SystemExit("message") prints the message, exits 1
+        code = 1
+    out, err = capsys.readouterr()
+    shown = [f"{w.category.__name__}: {w.message}" for w in caught
+             if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    return Outcome(code, out, err, shown)
+
+
+def snapshot(path: Path) -> dict[str, bytes] | None:
+    """The files under ``path`` with their contents; None when ``path`` does not exist."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {".": path.read_bytes()}
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else b"<dir>")
+            for p in sorted(path.rglob("*"))}

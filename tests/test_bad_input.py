@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -25,6 +24,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+
+from helpers import invoke, snapshot
 
 from pyro_vae.cli import main
 from pyro_vae.data import from_array
@@ -38,41 +39,6 @@ TINY = ["--hidden", "16", "--latent-dim", "2"]
 
 
 # -- running the command line -----------------------------------------------------------------
-
-class Outcome(NamedTuple):
-    code: int
-    stdout: str
-    stderr: str
-    warnings: list[str]
-
-
-def invoke(argv: list[str], capsys) -> Outcome:
-    """``main(argv)`` with its exit code, output and the warnings the real CLI would print."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            code = main(argv)
-        except SystemExit as exc:  # argparse usage errors
-            code = exc.code
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):  # SystemExit("message") prints the message, exits 1
-        code = 1
-    out, err = capsys.readouterr()
-    shown = [f"{w.category.__name__}: {w.message}" for w in caught
-             if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
-    return Outcome(code, out, err, shown)
-
-
-def snapshot(path: Path) -> dict[str, bytes] | None:
-    """The files under ``path`` with their contents; None when ``path`` does not exist."""
-    if not path.exists():
-        return None
-    if path.is_file():
-        return {".": path.read_bytes()}
-    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else b"<dir>")
-            for p in sorted(path.rglob("*"))}
-
 
 # -- building the inputs ------------------------------------------------------------------------
 

@@ -103,3 +103,27 @@ def test_early_stopping_ends_cleanly_after_patience_epochs_without_improvement(d
     assert (tmp_path / "run" / "samples.png").exists()
     with pytest.raises(ConfigError, match="patience must be a positive integer"):
         EarlyStopping(patience=0)
+
+
+def test_training_and_resuming_hold_the_run_lock(digits, tmp_path):
+    from pyro_vae import runs
+
+    seen = []
+
+    class TryTheLock(Callback):
+        def on_fit_start(self, trainer):
+            with pytest.raises(runs.RunError, match="is in use by another pyro-vae process"):
+                with runs.lock_run(trainer.run_dir):
+                    pass
+            seen.append(trainer.state.epoch)
+
+    out = tmp_path / "run"
+    fit(_vae(digits), digits, epochs=1, batch_size=500, device="cpu", out=out, progress=False,
+        callbacks=[TryTheLock()])
+    resume(out, epochs=2, device="cpu", progress=False, callbacks=[TryTheLock()])
+    assert seen == [1, 2]
+    with runs.lock_run(out):  # held elsewhere: a resume is refused, and the run is unchanged
+        before = (out / "metrics.jsonl").read_bytes()
+        with pytest.raises(runs.RunError, match="is in use by another pyro-vae process"):
+            resume(out, epochs=3, device="cpu", progress=False)
+        assert (out / "metrics.jsonl").read_bytes() == before

@@ -47,7 +47,7 @@ def test_the_train_flags_are_the_schema():
     train = parser._subparsers._group_actions[0].choices["train"]
     flags = {action.dest for action in train._actions}
     assert {option.name for option in config.OPTIONS} <= flags
-    own = {"help", "config", "resume", "quiet", "threads",
+    own = {"help", "config", "resume", "quiet", "threads", "dry_run",
            "prior_option", "likelihood_option", "guide_option"}
     assert flags - {option.name for option in config.OPTIONS} == own
 
