@@ -13,10 +13,13 @@ The file ends with Hypothesis properties of ``from_array`` and of the [0, 1] sup
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pickle
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -49,6 +52,12 @@ class Ctx:
         self.tmp = tmp
         self._request = request
         self.used_run = False
+
+    def request_fixture(self, name: str):
+        return self._request.getfixturevalue(name)
+
+    def on_exit(self, close: Callable[[], None]) -> None:
+        self._request.addfinalizer(close)
 
     @property
     def run(self) -> Path:
@@ -160,6 +169,136 @@ def empty_dir(ctx: Ctx) -> str:
     path = ctx.tmp / "not-a-run"
     path.mkdir()
     return str(path)
+
+
+def command(*parts) -> Callable[[Ctx], tuple[list[str], None]]:
+    """Any command; a part may be a callable of ``ctx`` that makes a file and returns its path."""
+    def build(ctx: Ctx) -> tuple[list[str], None]:
+        return [p(ctx) if callable(p) else p for p in parts], None
+    return build
+
+
+def long_name(suffix: str = "") -> Callable[[Ctx], str]:
+    return lambda ctx: str(ctx.tmp / ("a" * 300 + suffix))
+
+
+def fifo(ctx: Ctx) -> str:
+    path = ctx.tmp / "pipe.npy"
+    os.mkfifo(path)
+    return str(path)
+
+
+def npz_as_npy(ctx: Ctx) -> str:
+    path = ctx.tmp / "archive.npy"
+    with path.open("wb") as stream:
+        np.savez(stream, x=UNIT)
+    return str(path)
+
+
+def pickle_as_npy(ctx: Ctx) -> str:
+    path = ctx.tmp / "pickled.npy"
+    path.write_bytes(pickle.dumps({"x": UNIT}))
+    return str(path)
+
+
+def truncated_npy(ctx: Ctx) -> str:
+    path = Path(ctx.npy("whole.npy", UNIT))
+    path.write_bytes(path.read_bytes()[:200])
+    return str(path)
+
+
+def run_with_json(name: str, change: Callable[[Any], Any]) -> Callable[[Ctx], str]:
+    """A copy of the trained run whose JSON file ``name`` is edited by ``change``."""
+    def make(ctx: Ctx) -> str:
+        copied = ctx.copy_run()
+        value = json.loads((copied / name).read_text())
+        (copied / name).write_text(json.dumps(change(value)))
+        return str(copied)
+    return make
+
+
+def edit(section: str, key: str, value) -> Callable[[dict], dict]:
+    def change(config: dict) -> dict:
+        config[section][key] = value
+        return config
+    return change
+
+
+def without(section: str) -> Callable[[dict], dict]:
+    return lambda config: {k: v for k, v in config.items() if k != section}
+
+
+def run_with_checkpoint(change: Callable[[dict], Any]) -> Callable[[Ctx], str]:
+    """A copy of the trained run whose checkpoint is replaced by ``change(checkpoint)``."""
+    def make(ctx: Ctx) -> str:
+        copied = ctx.copy_run()
+        checkpoint = torch.load(copied / "checkpoint.pt", weights_only=True)
+        torch.save(change(checkpoint), copied / "checkpoint.pt")
+        return str(copied)
+    return make
+
+
+def with_entry(key: str, value) -> Callable[[dict], dict]:
+    return lambda checkpoint: {**checkpoint, key: value}
+
+
+def other_runs_state(name: str) -> Callable[[Ctx], str]:
+    """A copy of the trained run holding ``name`` of a run with other layer sizes."""
+    def make(ctx: Ctx) -> str:
+        other = ctx.tmp / "other-run"
+        assert main(["train", "--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--quiet",
+                     "--eval-particles", "0", "--batch-size", "512", "--out", str(other)]) == 0
+        copied = ctx.copy_run()
+        shutil.copy(other / name, copied / name)
+        return str(copied)
+    return make
+
+
+def raw_pickle(name: str) -> Callable[[Ctx], str]:
+    return run_with_file(name, pickle.dumps({"model": {}, "epoch": 1}))
+
+
+def run_with_moved_data(change: str) -> Callable[[Ctx], str]:
+    """A copy of the run trained on an array file, whose file was edited or moved afterwards."""
+    def make(ctx: Ctx) -> str:
+        run = ctx.request_fixture("npy_run")
+        copied = ctx.tmp / "npy-run"
+        shutil.copytree(run, copied)
+        data = ctx.tmp / "data.npy"
+        shutil.copy(json.loads((run / "config.json").read_text())["data"]["name"], data)
+        config = json.loads((copied / "config.json").read_text())
+        config["data"]["name"] = str(data)
+        (copied / "config.json").write_text(json.dumps(config))
+        if change == "edited":
+            array = np.load(data)
+            array[0, 0] = 1.0 - array[0, 0]
+            np.save(data, array)
+        else:
+            data.rename(ctx.tmp / "moved.npy")
+        return str(copied)
+    return make
+
+
+def held_lock(ctx: Ctx) -> str:
+    """A copy of the trained run whose lock another holder keeps for the whole case."""
+    copied = ctx.copy_run()
+    stream = open(copied / ".lock", "a")
+    fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    ctx.on_exit(stream.close)
+    return str(copied)
+
+
+def run_file(name: str, copy: bool = True) -> Callable[[Ctx], str]:
+    """The path of file ``name`` in a copy of the trained run."""
+    return lambda ctx: str((ctx.copy_run() if copy else ctx.run) / name)
+
+
+def copied_run(ctx: Ctx) -> str:
+    return str(ctx.copy_run())
+
+
+def a_file(ctx: Ctx) -> str:
+    return ctx.text("a-file", "not a directory\n")
 
 
 rng = np.random.default_rng(0)
@@ -322,11 +461,167 @@ CASES = [
      sample(run_dir, "grid.png", make_out=lambda p: p.mkdir()), "directory", ()),
     ("sample-config-unknown-model-key",
      sample(run_with_config('{"model": {"bogus": 1}}')), "not a valid run configuration", ()),
+    # -- sizes, seeds and options refused by the schema -----------------------------------------
+    ("train-seed-negative", train("--seed", "-1"), "from 0 to 2**32 - 1", ()),
+    ("train-seed-too-large", train("--seed", "4294967296"), "from 0 to 2**32 - 1", ()),
+    ("train-log-every-0", train("--log-every", "0"), "positive integer", ()),
+    ("train-val-particles-0", train("--val-particles", "0"), "positive integer", ()),
+    ("train-eval-particles-negative", train("--eval-particles", "-1"), "non-negative", ()),
+    ("train-alpha-nan", train("--alpha", "nan"), "finite number", ()),
+    ("train-free-bits-negative", train("--free-bits", "-0.5"), "non-negative", ()),
+    ("train-dreg-anneal", train(*TINY, "--objective", "dreg", "--anneal-steps", "5"),
+     "cannot anneal", ()),
+    ("train-config-seed-too-large", config_file(FAST_TOML + "seed = 4294967296\n"),
+     "'seed' expects an integer from 0 to 2**32 - 1", ()),
+    ("train-config-log-every-float", config_file(FAST_TOML + "log_every = 2.0\n"),
+     "'log_every' expects a positive integer, got 2.0", ()),
+    ("train-config-guide-name-unknown", config_file(FAST_TOML + "[guide]\nname = 'nope'\n"),
+     "'[guide] name' expects one of", ()),
+    ("train-config-tensorboard-number", config_file(FAST_TOML + "tensorboard = 3\n"),
+     "'tensorboard' expects a string", ()),
+    ("train-config-objective-unknown", config_file(FAST_TOML + "objective = 'elbow'\n"),
+     "'objective' expects one of elbo", ()),
+    # -- names the file system refuses, and files that are not data -----------------------------
+    ("train-out-name-too-long", command("train", *TINY, "--out", long_name(), *FAST), "too long",
+     ()),
+    ("train-config-name-too-long", command("train", "--config", long_name(".toml")),
+     "too long", ()),
+    ("train-data-name-too-long", train(*data(long_name(".npy"))), "too long", ()),
+    ("train-data-fifo", train(*data(fifo)), "named pipe", ()),
+    ("train-data-npz-renamed-npy", train(*data(npz_as_npy)), "zip archive", ()),
+    ("train-data-pickle-renamed-npy", train(*data(pickle_as_npy)), "pickle", ()),
+    ("train-data-truncated-npy", train(*data(truncated_npy)), "truncated", ()),
+    ("train-data-random-bytes-npy", train(*data(lambda c: c.text("noise.npy", bytes(range(256))))),
+     "NumPy header", ()),
+    ("train-csv-field-over-128k", train(*data(lambda c: c.text("wide.csv", "1" * 140_000 + ",0\n"))),
+     "longer than", ()),
+    ("train-csv-overflow", train(*data(lambda c: c.text("big.csv", "1e400,0\n0,1\n1,1\n0,0\n"))),
+     "NaN or infinite", ()),
+    ("train-csv-first-line-mixed", train(*data(lambda c: c.text("mixed.csv",
+                                                                "0.1,0.2x\n0,1\n1,0\n1,1\n"))),
+     "mixes numbers and text", ()),
+    ("train-csv-empty-cell", train(*data(lambda c: c.text("gap.csv", "0,1\n0,\n1,0\n1,1\n"))),
+     "empty cell", ()),
+    ("train-tensorboard-is-a-file", train(*TINY, "--tensorboard", a_file), "not a directory", ()),
+    # -- train --resume -------------------------------------------------------------------------
+    ("resume-missing-run", command("train", "--resume", lambda c: str(c.tmp / "none")),
+     "not found", ()),
+    ("resume-not-a-run", command("train", "--resume", empty_dir), "not a pyro-vae run", ()),
+    ("resume-changes-the-prior", command("train", "--resume", run_dir, "--prior", "mog"),
+     "cannot change a resumed run", ()),
+    ("resume-no-more-epochs", command("train", "--resume", run_dir, "--epochs", "1"),
+     "already trained 1 epochs", ()),
+    ("resume-dry-run", command("train", "--resume", run_dir, "--dry-run"),
+     "does not apply to --resume", ()),
+    ("resume-checkpoint-epoch-string",
+     command("train", "--resume", run_with_checkpoint(with_entry("epoch", "2")), "--epochs", "3"),
+     "not a usable pyro-vae checkpoint", ()),
+    ("resume-checkpoint-without-rng",
+     command("train", "--resume", run_with_checkpoint(lambda c: {k: v for k, v in c.items()
+                                                                  if k != "rng"}),
+             "--epochs", "3"), "checkpoint", ()),
+    ("resume-checkpoint-order-too-short",
+     command("train", "--resume", run_with_checkpoint(with_entry("order", torch.arange(10))),
+             "--epochs", "3"), "orders 10 training datapoints", ()),
+    ("resume-another-runs-checkpoint",
+     command("train", "--resume", other_runs_state("checkpoint.pt"), "--epochs", "3"),
+     "is not this run's checkpoint", ()),
+    ("resume-raw-pickle-checkpoint",
+     command("train", "--resume", raw_pickle("checkpoint.pt"), "--epochs", "3"),
+     "cannot be loaded safely", ()),
+    ("resume-garbled-metrics",
+     command("train", "--resume", run_with_file("metrics.jsonl", "{oops\n{}\n"), "--epochs", "3"),
+     "is not valid JSON", ()),
+    ("resume-config-training-epochs-string",
+     command("train", "--resume", run_with_json("config.json", edit("training", "epochs", "3")),
+             "--epochs", "3"), "training.epochs should be", ()),
+    ("resume-data-edited", command("train", "--resume", run_with_moved_data("edited"),
+                                   "--epochs", "3"), "contents differ", ()),
+    ("resume-data-moved", command("train", "--resume", run_with_moved_data("moved"),
+                                  "--epochs", "3"), "is not there", ()),
+    ("resume-run-in-use", command("train", "--resume", held_lock, "--epochs", "3"),
+     "in use by another pyro-vae process", ()),
+    # -- evaluate: damaged runs, data that changed ----------------------------------------------
+    ("evaluate-seed-negative", evaluate(run_dir, "--seed", "-1"), "from 0 to 2**32 - 1", ()),
+    ("evaluate-batch-size-0", evaluate(run_dir, "--batch-size", "0"), "positive integer", ()),
+    ("evaluate-metrics-garbled", evaluate(run_with_file("metrics.jsonl", "{oops\n{}\n")),
+     "is not valid JSON", ()),
+    ("evaluate-metrics-not-rows", evaluate(run_with_file("metrics.jsonl", "[1, 2]\n")),
+     "is not a metrics row", ()),
+    ("evaluate-config-latent-dim-string",
+     evaluate(run_with_json("config.json", edit("model", "latent_dim", "2"))),
+     "model.latent_dim should be a positive integer", ()),
+    ("evaluate-config-without-training", evaluate(run_with_json("config.json", without("training"))),
+     "no 'training' section", ()),
+    ("evaluate-weights-of-another-run", evaluate(other_runs_state("weights.pt")),
+     "does not match the model", ()),
+    ("evaluate-weights-raw-pickle", evaluate(raw_pickle("weights.pt")), "cannot be loaded safely", ()),
+    ("evaluate-data-fifo", evaluate(run_dir, "--data", fifo), "named pipe", ()),
+    ("evaluate-run-data-edited", evaluate(run_with_moved_data("edited")), "contents differ", ()),
+    ("evaluate-run-data-moved", evaluate(run_with_moved_data("moved")), "is not there", ()),
+    ("evaluate-run-name-too-long", evaluate(long_name()), "too long", ()),
+    ("evaluate-device-cuda-absent", evaluate(run_dir, "--device", "cuda"), "CUDA is not available",
+     (pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here"),)),
+    # -- sample ---------------------------------------------------------------------------------
+    ("sample-seed-too-large", sample(run_dir, "s.png", "--seed", "4294967296"),
+     "from 0 to 2**32 - 1", ()),
+    ("sample-label-unconditional", sample(run_dir, "s.png", "--label", "1"), "conditional", ()),
+    ("sample-out-replaces-a-run-file",
+     command("sample", copied_run, "--out", lambda c: str(c.tmp / "copied-run" / "samples.png")),
+     "--overwrite", ()),
+    ("sample-out-name-too-long", command("sample", run_dir, "--out", long_name(".png")),
+     "too long", ()),
+    ("sample-out-npz", sample(run_dir, "s.npz"), "must end in", ()),
+    # -- explore, diagnose, compare, compare-estimators, plot -----------------------------------
+    ("explore-out-is-the-run", command("explore", copied_run, "--out",
+                                       lambda c: str(c.tmp / "copied-run")), "--overwrite", ()),
+    ("explore-top-0", command("explore", run_dir, "--top", "0"), "positive integer", ()),
+    ("explore-out-is-a-file", command("explore", run_dir, "--out", a_file), "not a directory", ()),
+    ("explore-missing-run", command("explore", lambda c: str(c.tmp / "none")), "not found", ()),
+    ("explore-particles-0", command("explore", run_dir, "--particles", "0"), "positive integer", ()),
+    ("diagnose-particles-0", command("diagnose", run_dir, "--particles", "0"), "positive integer", ()),
+    ("diagnose-missing-run", command("diagnose", lambda c: str(c.tmp / "none")), "not found", ()),
+    ("diagnose-split-bogus", command("diagnose", run_dir, "--split", "bogus"), "invalid choice", ()),
+    ("diagnose-config-damaged", command("diagnose", run_with_config("{")),
+     "not a valid run configuration", ()),
+    ("compare-missing-run-b", command("compare", run_dir, lambda c: str(c.tmp / "none")),
+     "not found", ()),
+    ("compare-data-of-another-dimension",
+     command("compare", run_dir, run_dir, "--data", lambda c: c.npy("x3.npy", UNIT[:, :3])),
+     "dimensions", ()),
+    ("compare-estimators-unknown-objective",
+     command("compare-estimators", run_dir, "--objectives", "elbow"), "elbow", ()),
+    ("compare-estimators-particles-0",
+     command("compare-estimators", run_dir, "--particles", "0"), "positive", ()),
+    ("compare-estimators-plot-txt",
+     command("compare-estimators", run_dir, "--plot", lambda c: str(c.tmp / "p.txt")), ".png", ()),
+    ("compare-estimators-plot-replaces-a-run-file",
+     command("compare-estimators", copied_run, "--plot",
+             lambda c: str(c.tmp / "copied-run" / "loss.png")), "--overwrite", ()),
+    ("compare-estimators-run-and-model-flags",
+     command("compare-estimators", run_dir, "--prior", "mog"), "describes a fresh model", ()),
+    ("compare-estimators-repeats-0",
+     command("compare-estimators", run_dir, "--repeats", "0"), "positive integer", ()),
+    ("plot-missing-run", command("plot", lambda c: str(c.tmp / "none")), "not found", ()),
+    ("plot-not-a-run", command("plot", empty_dir), "not a pyro-vae run", ()),
+    ("plot-metrics-garbled", command("plot", run_with_file("metrics.jsonl", "{oops\n{}\n")),
+     "is not valid JSON", ()),
 ]
 
 
 PARAMS = [pytest.param(build, expected, marks=list(marks), id=case_id)
           for case_id, build, expected, marks in CASES]
+
+
+@pytest.fixture(scope="module")
+def npy_run(tmp_path_factory) -> Path:
+    """A tiny run trained on an array file."""
+    folder = tmp_path_factory.mktemp("npy")
+    np.save(folder / "data.npy", np.random.default_rng(1).random((40, 4)).astype(np.float32))
+    path = folder / "run"
+    assert main(["train", "--data", str(folder / "data.npy"), "--epochs", "1", "--hidden", "8",
+                 "--latent-dim", "2", "--quiet", "--eval-particles", "0", "--out", str(path)]) == 0
+    return path
 
 
 @pytest.fixture(scope="module")
