@@ -531,6 +531,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise ConfigError(f"--label needs a conditional run; {args.run_dir} is not conditional")
         if args.label >= run.vae.num_classes:
             raise ConfigError(f"--label must be below {run.vae.num_classes}, not {args.label}")
+    from .resources import check_sample_size
+
+    check_sample_size(run.vae, args.n, image=suffix == ".png")  # before anything is allocated
     torch.manual_seed(args.seed)
     samples = run.vae.sample(args.n, args.label)
     if suffix == ".png":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextvars import ContextVar
 from typing import Any, Sequence
 
 import pyro
@@ -33,8 +34,11 @@ from .models import priors as prior_catalogue
 from .guides import posteriors as posterior_catalogue
 from .networks import make_network
 from .registry import describe, resolve
+from .resources import check_model_size
 
 _instance_ids = itertools.count()
+#: True while :mod:`pyro_vae.resources` builds a VAE on the meta device to count its parameters
+_SIZING: ContextVar[bool] = ContextVar("pyro_vae_sizing", default=False)
 
 
 def _latent_space(distribution) -> str:
@@ -66,6 +70,11 @@ class VAE(nn.Module):
         :math:`q_\phi(z \mid x, y)`, for integer labels :math:`y` in ``range(num_classes)``, fed
         to both networks as one-hot vectors.
     :param num_classes: the number of classes (at least 2) of a conditional VAE.
+
+    Before anything is allocated, the VAE the arguments describe is built on the meta device to
+    count its parameters exactly; one too large to train here (its parameters five times over:
+    gradients, Adam's two moments, a checkpoint) is refused in one line
+    (:func:`pyro_vae.resources.check_model_size`).
     """
 
     def __init__(self, data_shape: int | Sequence[int], latent_dim: int = 8, *,
@@ -97,6 +106,14 @@ class VAE(nn.Module):
             raise ConfigError("num_classes applies to a conditional VAE (conditional=True) only")
         else:
             self.num_classes = None
+        if not _SIZING.get():
+            # the parameter count from a build on the meta device, refused in one line if
+            # training it could not fit in memory: before anything below allocates
+            check_model_size(data_shape, latent_dim, prior=prior, likelihood=likelihood,
+                             guide=guide, encoder=encoder, decoder=decoder, hidden=hidden,
+                             prior_options=prior_options, likelihood_options=likelihood_options,
+                             guide_options=guide_options, conditional=self.conditional,
+                             num_classes=self.num_classes)
         context = self.num_classes or 0
         image_shape = data_shape if len(data_shape) == 3 else None
 
@@ -125,10 +142,11 @@ class VAE(nn.Module):
                     raise ConfigError(f"{describe(component)['name']!r} is built from the "
                                       "encoder and cannot be combined with a conditional VAE")
                 component.bind(self)
-        self._check_latent_spaces()
+        if not _SIZING.get():  # a probe of the distributions, not part of the model's size
+            self._check_latent_spaces()
         # Names under which model/guide register with Pyro's param store; unique per instance
         # so two VAEs never share (or silently swap) parameters through the global store.
-        self._pyro_name = f"vae{next(_instance_ids)}"
+        self._pyro_name = "vae-meta" if _SIZING.get() else f"vae{next(_instance_ids)}"
 
     def _check_latent_spaces(self) -> None:
         """The prior and the guide family must put z in the same space (a one-hot categorical

@@ -464,6 +464,12 @@ CASES = [
     # -- sizes, seeds and options refused by the schema -----------------------------------------
     ("train-seed-negative", train("--seed", "-1"), "from 0 to 2**32 - 1", ()),
     ("train-seed-too-large", train("--seed", "4294967296"), "from 0 to 2**32 - 1", ()),
+    ("train-latent-dim-huge", train("--latent-dim", "100000000"), "parameters (about", ()),
+    ("train-hidden-huge", train("--hidden", "100000000"), "parameters (about", ()),
+    ("train-config-hidden-huge", config_file(FAST_TOML.replace("hidden = '16'",
+                                                               "hidden = [100000000, 4]")),
+     "parameters (about", ()),
+    ("sample-n-huge", sample(run_dir, "s.npy", "--n", "1000000000"), "1,000,000,000 samples", ()),
     ("train-log-every-0", train("--log-every", "0"), "positive integer", ()),
     ("train-val-particles-0", train("--val-particles", "0"), "positive integer", ()),
     ("train-eval-particles-negative", train("--eval-particles", "-1"), "non-negative", ()),
