@@ -197,15 +197,16 @@ def _requested_elements(func, args, kwargs) -> float:
         return math.inf
 
 
-def _devices(tree, into: set) -> None:
+def _tensors(tree):
+    """The tensors in nested lists, tuples and dicts (a call's arguments)."""
     if isinstance(tree, torch.Tensor):
-        into.add(tree.device.type == "meta")
+        yield tree
     elif isinstance(tree, (list, tuple)):
         for item in tree:
-            _devices(item, into)
+            yield from _tensors(item)
     elif isinstance(tree, dict):
         for item in tree.values():
-            _devices(item, into)
+            yield from _tensors(item)
 
 
 def _to_meta(tree):
@@ -250,9 +251,7 @@ class _OnMeta(TorchFunctionMode):
                         return indices
                 kwargs["device"] = torch.device("meta")
         else:
-            devices: set = set()
-            _devices(args, devices)
-            _devices(kwargs, devices)
+            devices = {t.device.type == "meta" for t in _tensors((args, kwargs))}
             if len(devices) == 2:
                 args, kwargs = _to_meta(args), _to_meta(kwargs)
         return func(*args, **kwargs)
@@ -379,15 +378,9 @@ def check_model_size(data_shape: int | Sequence[int], latent_dim: int = 8, *,
 
 # -- measuring the memory a computation needs ------------------------------------------------------
 def _storages(tree, into: set) -> None:
-    if isinstance(tree, torch.Tensor):
+    for tensor in _tensors(tree):
         with contextlib.suppress(RuntimeError, NotImplementedError):
-            into.add(id(tree.untyped_storage()))
-    elif isinstance(tree, (list, tuple)):
-        for item in tree:
-            _storages(item, into)
-    elif isinstance(tree, dict):
-        for item in tree.values():
-            _storages(item, into)
+            into.add(id(tensor.untyped_storage()))
 
 
 class PeakMemory(TorchFunctionMode):

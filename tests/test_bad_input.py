@@ -301,6 +301,8 @@ def a_file(ctx: Ctx) -> str:
     return ctx.text("a-file", "not a directory\n")
 
 
+NEEDS_PROC = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")
+
 rng = np.random.default_rng(0)
 UNIT = rng.random((30, 4)).astype(np.float32)          # valid data in [0, 1]
 with_nan = UNIT.copy(); with_nan[7, 2] = np.nan         # noqa: E702
@@ -578,6 +580,16 @@ CASES = [
     ("sample-out-name-too-long", command("sample", run_dir, "--out", long_name(".png")),
      "too long", ()),
     ("sample-out-npz", sample(run_dir, "s.npz"), "must end in", ()),
+    # a folder nobody may write in, whoever runs the tests: /proc
+    ("sample-out-unwritable-folder", command("sample", run_dir, "--out", "/proc/samples.png"),
+     "/proc", (NEEDS_PROC,)),
+    ("explore-out-unwritable-folder", command("explore", run_dir, "--out", "/proc/explore"),
+     "/proc", (NEEDS_PROC,)),
+    ("compare-estimators-plot-unwritable-folder",
+     command("compare-estimators", run_dir, "--repeats", "2", "--particles", "1",
+             "--plot", "/proc/plot.png"), "/proc", (NEEDS_PROC,)),
+    ("train-out-unwritable-folder", command("train", *TINY, "--out", "/proc/run", *FAST),
+     "/proc", (NEEDS_PROC,)),
     # -- explore, diagnose, compare, compare-estimators, plot -----------------------------------
     ("explore-out-is-the-run", command("explore", copied_run, "--out",
                                        lambda c: str(c.tmp / "copied-run")), "--overwrite", ()),

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from numpy.lib import format as npformat
 
-from pyro_vae.data import load_data, split_indices
+from pyro_vae.data import _is_number, load_data, split_indices
 from pyro_vae.errors import PyroVAEError
 
 
@@ -255,14 +255,6 @@ NUMBER_FORMATS = st.sampled_from(["{!r}", "{:e}", "{:.3f}", " {!r} ", "{:g}", "+
 HEADER_NAMES = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF,
                                      blacklist_characters='",;\t|\r\n'),
                        min_size=1, max_size=6).filter(lambda t: not _is_number(t) and t.strip())
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def _cell(value, fmt: str) -> str:
