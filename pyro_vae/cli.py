@@ -247,6 +247,7 @@ def _build(options: dict[str, Any]):
     vae = VAE(dataset.data_shape, int(options["latent_dim"]), prior=options["prior"],
               likelihood=options["likelihood"], guide=options["guide"],
               encoder=options["encoder"], decoder=options["decoder"], hidden=options["hidden"],
+              activation=options["activation"],
               prior_options=options["prior_options"] or None,
               guide_options=options["guide_options"] or None,
               likelihood_options={**_likelihood_options(options), **options["likelihood_options"]},

@@ -183,6 +183,11 @@ def _networks():
     return NETWORKS
 
 
+def _activations():
+    from .networks import ACTIVATIONS
+    return ACTIVATIONS
+
+
 def _objectives():
     from .objectives import OBJECTIVES
     return list(OBJECTIVES)
@@ -260,6 +265,8 @@ def _options() -> tuple[Option, ...]:
         O("encoder", STRING, "mlp", "model", "the encoder network", choices=_choice(_networks)),
         O("decoder", STRING, "mlp", "model", "the decoder network", choices=_choice(_networks)),
         O("hidden", HIDDEN, (256, 256), "model", "hidden widths of mlp networks", "400,400"),
+        O("activation", STRING, "relu", "model", "activation of the hidden layers of mlp networks",
+          choices=lambda: list(_activations())),
         O("latent_dim", POSITIVE_INT, 8, "model", "latent dimensions", "D"),
         O("conditional", BOOLEAN, False, "model",
           "a conditional VAE p(x|z,y), q(z|x,y) on the data's labels"),

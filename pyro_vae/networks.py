@@ -23,6 +23,21 @@ from .errors import ConfigError
 
 #: The network kinds (``encoder=`` / ``decoder=`` of :class:`pyro_vae.VAE`).
 NETWORKS = ("mlp", "linear", "conv")
+#: The activations of the hidden layers of ``mlp`` networks (``activation=`` of
+#: :class:`pyro_vae.VAE`); ``tanh`` is the architecture of Burda et al. (2016).
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU, "gelu": nn.GELU,
+    "silu": nn.SiLU, "leaky-relu": nn.LeakyReLU,
+}
+
+
+def activation_class(name: str) -> type[nn.Module]:
+    """The module class of the activation ``name`` (:data:`ACTIVATIONS`), or one line."""
+    try:
+        return ACTIVATIONS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown activation {name!r}; choose one of: "
+                          f"{', '.join(ACTIVATIONS)}") from None
 
 
 def _join(inputs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
@@ -132,13 +147,16 @@ class ConvDecoder(nn.Module):
 
 def make_network(kind: str, in_features: int, out_features: int,
                  hidden: Sequence[int] = (256, 256), *, role: str = "encoder",
-                 image_shape: Sequence[int] | None = None, context_features: int = 0) -> nn.Module:
+                 image_shape: Sequence[int] | None = None, context_features: int = 0,
+                 activation: str = "relu") -> nn.Module:
     """Build the ``role`` (``encoder`` or ``decoder``) network named ``kind`` (:data:`NETWORKS`).
 
-    ``image_shape`` is the data's C×H×W shape, needed by ``conv``.
+    ``image_shape`` is the data's C×H×W shape, needed by ``conv``; ``activation`` (a name of
+    :data:`ACTIVATIONS`) is that of the hidden layers of ``mlp``.
     """
     if kind == "mlp":
-        return MLP(in_features, out_features, hidden, context_features=context_features)
+        return MLP(in_features, out_features, hidden, activation=activation_class(activation),
+                   context_features=context_features)
     if kind == "linear":
         return LinearNet(in_features, out_features, context_features=context_features)
     if kind == "conv":

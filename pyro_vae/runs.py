@@ -487,7 +487,7 @@ _MODEL_KEYS = {
     "conditional": (lambda v: isinstance(v, bool), "true or false"),
     "num_classes": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null"),
     **{key: (lambda v: isinstance(v, str), "a string")
-       for key in ("prior", "likelihood", "guide", "encoder", "decoder")},
+       for key in ("prior", "likelihood", "guide", "encoder", "decoder", "activation")},
     **{key: (lambda v: v is None or isinstance(v, dict), "a table of options")
        for key in ("prior_options", "likelihood_options", "guide_options")},
 }

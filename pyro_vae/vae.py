@@ -32,7 +32,7 @@ from .errors import ConfigError
 from .models import likelihoods as likelihood_catalogue
 from .models import priors as prior_catalogue
 from .guides import posteriors as posterior_catalogue
-from .networks import make_network
+from .networks import activation_class, make_network
 from .registry import describe, resolve
 from .resources import check_model_size
 
@@ -62,6 +62,8 @@ class VAE(nn.Module):
         image data).
     :param decoder: the decoder network's kind, as for ``encoder``.
     :param hidden: hidden layer widths of ``mlp`` networks (``conv`` uses the first for its head).
+    :param activation: the activation of the hidden layers of ``mlp`` networks (a name of
+        :data:`pyro_vae.networks.ACTIVATIONS`: ``relu``, ``tanh``, ``softplus``, …).
     :param prior_options: keyword arguments for a prior given by name, e.g. ``{"components": 3}``.
     :param likelihood_options: keyword arguments for a likelihood given by name, e.g.
         ``likelihood_options={"scale": 0.1}``.
@@ -82,7 +84,7 @@ class VAE(nn.Module):
                  encoder: str = "mlp", decoder: str = "mlp", hidden: Sequence[int] = (256, 256),
                  prior_options: dict | None = None, likelihood_options: dict | None = None,
                  guide_options: dict | None = None, conditional: bool = False,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, activation: str = "relu"):
         super().__init__()
         data_shape = (int(data_shape),) if isinstance(data_shape, int) else tuple(map(int, data_shape))
         if not data_shape or any(size <= 0 for size in data_shape):
@@ -97,6 +99,11 @@ class VAE(nn.Module):
         self.latent_dim = latent_dim
         self.hidden = hidden
         self.encoder_kind, self.decoder_kind = encoder, decoder
+        activation_class(activation)  # a known name, or one line
+        if activation != "relu" and "mlp" not in (encoder, decoder):
+            raise ConfigError(f"activation {activation!r} applies to mlp networks; the encoder "
+                              f"is {encoder!r} and the decoder {decoder!r}")
+        self.activation = activation
         self.conditional = bool(conditional)
         if self.conditional:
             if not isinstance(num_classes, int) or num_classes < 2:
@@ -129,11 +136,11 @@ class VAE(nn.Module):
         self.decoder = make_network(decoder, latent_dim,
                                     self.likelihood.decoder_outputs(self.data_dim), hidden,
                                     role="decoder", image_shape=image_shape,
-                                    context_features=context)
+                                    context_features=context, activation=activation)
         self.encoder = make_network(encoder, self.data_dim,
                                     self.guide_family.encoder_outputs(latent_dim), hidden,
                                     role="encoder", image_shape=image_shape,
-                                    context_features=context)
+                                    context_features=context, activation=activation)
         # Components that need the assembled VAE (a VampPrior's pseudo-inputs go through the
         # encoder) receive it here; they must not store it as a submodule.
         for component in (self.prior, self.likelihood, self.guide_family):
@@ -177,7 +184,7 @@ class VAE(nn.Module):
             "likelihood": likelihood["name"], "likelihood_options": likelihood["options"],
             "guide": guide["name"], "guide_options": guide["options"],
             "encoder": self.encoder_kind, "decoder": self.decoder_kind,
-            "hidden": list(self.hidden),
+            "hidden": list(self.hidden), "activation": self.activation,
             "conditional": self.conditional, "num_classes": self.num_classes,
         }
 

@@ -18,7 +18,7 @@ NON_DEFAULT_TOML = {
     "data": '"data.npy"', "data_dir": '"/tmp/somewhere"', "download": "true",
     "binarize": '"dynamic"', "prior": '"mog"', "likelihood": '"normal"',
     "likelihood_scale": "0.25", "guide": '"full-rank"', "encoder": '"linear"',
-    "decoder": '"conv"', "hidden": "[32, 16]", "latent_dim": "3", "conditional": "true",
+    "decoder": '"conv"', "hidden": "[32, 16]", "activation": '"tanh"', "latent_dim": "3", "conditional": "true",
     "levels": "9", "objective": '"iwae"', "particles": "7", "beta": "0.5", "alpha": "0.25",
     "anneal_steps": "11", "free_bits": "0.125", "epochs": "13", "batch_size": "17",
     "lr": "0.0025", "seed": "19", "device": '"cpu"', "log_every": "23", "val_particles": "2",
