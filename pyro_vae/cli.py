@@ -28,18 +28,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _flag(kind: config.Kind):
-    """An argparse ``type`` from a schema value type (:mod:`pyro_vae.config`)."""
-
-    def convert(text: str):
-        try:
-            return kind.parse(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.expected}, got {text!r}") from None
-
-    return convert
-
-
+_flag = config.flag_type
 _integer = _flag(config.SEED)
 _positive_int = _flag(config.POSITIVE_INT)
 _non_negative_int = _flag(config.NON_NEGATIVE_INT)
@@ -559,17 +548,22 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-#: The files of a run directory that another command's output must not replace unasked.
-_RUN_FILES = ("config.json", "weights.pt", "checkpoint.pt", "metrics.jsonl", "evaluation.json",
-              "reconstructions.png", "samples.png", "loss.png", "diagnostics.nc")
+#: The files of a run directory, besides those of :mod:`pyro_vae.runs`, that another command's
+#: output must not replace unasked.
+_RUN_OUTPUTS = ("evaluation.json", "reconstructions.png", "samples.png", "loss.png",
+                "diagnostics.nc")
 
 
 def _refuse_replacing_run_files(folder: Path, names: Sequence[str], flag: str,
                                 overwrite: bool) -> None:
     """One line instead of silently replacing a run's own file (``--overwrite`` allows it)."""
-    if overwrite or not (folder / "config.json").is_file():
+    from . import runs
+
+    if overwrite or not (folder / runs.CONFIG_FILE).is_file():
         return
-    clash = [name for name in names if name in _RUN_FILES and (folder / name).exists()]
+    own = (runs.CONFIG_FILE, runs.WEIGHTS_FILE, runs.CHECKPOINT_FILE, runs.METRICS_FILE,
+           *_RUN_OUTPUTS)
+    clash = [name for name in names if name in own and (folder / name).exists()]
     if clash:
         raise ConfigError(f"{flag} would replace {folder / clash[0]}, a file of the run in "
                           f"{folder}; choose another name, or pass --overwrite")

@@ -159,6 +159,19 @@ HIDDEN = _hidden()
 SCALE = _scale()
 
 
+def flag_type(kind: Kind) -> Callable[[str], Any]:
+    """An argparse ``type`` that converts a flag's text with ``kind`` (one-line usage error)."""
+    import argparse
+
+    def convert(text: str) -> Any:
+        try:
+            return kind.parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.expected}, got {text!r}") from None
+
+    return convert
+
+
 def _choice(names: Callable[[], Iterable[str]]) -> Callable[[], list[str]]:
     return lambda: sorted(names())
 
@@ -233,12 +246,7 @@ class Option:
 
     def parse(self, text: str) -> Any:
         """A flag's text converted (argparse ``type``)."""
-        import argparse
-
-        try:
-            return self.kind.parse(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {self.kind.expected}, got {text!r}") from None
+        return flag_type(self.kind)(text)
 
 
 def _options() -> tuple[Option, ...]:
@@ -438,14 +446,14 @@ def component_option(kind: str, item: str) -> tuple[str, Any]:
     """``KEY=VALUE`` of ``--KIND-option``: VALUE read as a TOML value (a bare word is a
     string)."""
     key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
+    key = key.strip().replace("-", "_")
+    if not sep or not key.isidentifier():
         raise ConfigError(f"--{kind}-option expects KEY=VALUE, got {item!r}")
     try:
         value = tomllib.loads(f"value = {text.strip()}")["value"]
     except tomllib.TOMLDecodeError:
         value = text.strip()
-    return key.replace("-", "_"), value
+    return key, value
 
 
 def resolve(flags: dict[str, Any], config_file: str | Path | None = None,

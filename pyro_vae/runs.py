@@ -125,9 +125,6 @@ def atomic_write(path: str | Path, write) -> None:
     _fsync_directory(path.parent)
 
 
-_atomic_write = atomic_write  # the former private name
-
-
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
     text = json.dumps(config, indent=2, sort_keys=True).encode()
     atomic_write(Path(run_dir) / CONFIG_FILE, lambda s: s.write(text))
@@ -586,4 +583,4 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
 def write_json(path: Path, value: Any) -> None:
     """Write ``value`` as indented JSON to ``path`` atomically (``evaluation.json`` and the like)."""
     text = (json.dumps(value, indent=2) + "\n").encode()
-    _atomic_write(Path(path), lambda s: s.write(text))
+    atomic_write(Path(path), lambda s: s.write(text))

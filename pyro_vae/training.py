@@ -65,6 +65,14 @@ class FitResult:
     dataset: Dataset | None = None
 
 
+def _checked(callbacks: Sequence[Callback]) -> list[Callback]:
+    for callback in callbacks:
+        if not isinstance(callback, Callback):
+            raise ConfigError(f"a callback must be a pyro_vae.callbacks.Callback, not "
+                              f"{type(callback).__name__}")
+    return list(callbacks)
+
+
 class Trainer:
     """The epoch loop of one run, with its callbacks (see :mod:`pyro_vae.callbacks`).
 
@@ -82,11 +90,7 @@ class Trainer:
         self.vae, self.config, self.objective = vae, config, objective
         self.device, self.run_dir, self.context = device, run_dir, context
         self.run_config = run_config or {}
-        self.callbacks = [*default_callbacks(progress), *callbacks]
-        for callback in callbacks:
-            if not isinstance(callback, Callback):
-                raise ConfigError(f"a callback must be a pyro_vae.callbacks.Callback, not "
-                                  f"{type(callback).__name__}")
+        self.callbacks = [*default_callbacks(progress), *_checked(callbacks)]
         # each hook's overriding methods, looked up once (the loop calls them every step)
         self._hooks = {hook: [getattr(c, hook) for c in self.callbacks
                               if getattr(type(c), hook) is not getattr(Callback, hook)]
@@ -269,6 +273,7 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor,
 
     All input is checked before the run directory is created.
     """
+    callbacks = _checked(callbacks)  # before any run directory exists
     config, dataset, loss_fn, context = _prepare(vae, data, objective, options)
     torch_device = context.device
     if context.distributed and not context.is_main:

@@ -113,3 +113,11 @@ def snapshot(path: Path) -> dict[str, bytes] | None:
         return {".": path.read_bytes()}
     return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else b"<dir>")
             for p in sorted(path.rglob("*"))}
+
+
+def train_tiny_run(path: Path, *flags: str) -> Path:
+    """A one-epoch run on the bundled digits with a tiny network (``flags`` override)."""
+    assert main(["train", "--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--quiet",
+                 "--eval-particles", "0", "--batch-size", "512", "--out", str(path),
+                 *flags]) == 0
+    return path

@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from helpers import invoke, snapshot
+from helpers import invoke, snapshot, train_tiny_run
 
 from pyro_vae.cli import main
 from pyro_vae.data import from_array
@@ -246,8 +246,7 @@ def other_runs_state(name: str) -> Callable[[Ctx], str]:
     """A copy of the trained run holding ``name`` of a run with other layer sizes."""
     def make(ctx: Ctx) -> str:
         other = ctx.tmp / "other-run"
-        assert main(["train", "--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--quiet",
-                     "--eval-particles", "0", "--batch-size", "512", "--out", str(other)]) == 0
+        train_tiny_run(other)
         copied = ctx.copy_run()
         shutil.copy(other / name, copied / name)
         return str(copied)

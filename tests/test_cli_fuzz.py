@@ -17,10 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import invoke, snapshot
+from helpers import invoke, snapshot, train_tiny_run
 
 from pyro_vae import config
-from pyro_vae.cli import main
 
 #: seconds one invocation may take before it counts as a hang
 BOUND_S = 60.0
@@ -162,10 +161,7 @@ def test_fuzzed_toml_files_end_cleanly(document, capsys, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def fuzz_run(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("fuzz") / "run"
-    assert main(["train", "--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--quiet",
-                 "--eval-particles", "5", "--batch-size", "512", "--out", str(path)]) == 0
-    return path
+    return train_tiny_run(tmp_path_factory.mktemp("fuzz") / "run", "--eval-particles", "5")
 
 
 SMALL = st.one_of(st.integers(-1, 12).map(str), TEXT)

@@ -10,16 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import train_tiny_run
 
 from pyro_vae.cli import main
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("signals") / "run"
-    assert main(["train", "--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--quiet",
-                 "--eval-particles", "0", "--batch-size", "512", "--out", str(path)]) == 0
-    return path
+    return train_tiny_run(tmp_path_factory.mktemp("signals") / "run")
 
 
 def _interrupt(argv: list[str], signum: int, cwd: Path, after: float = 4.0):
