@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from .lvm import device_of
 from .data import Dataset, check_finite
 from .errors import ConfigError
 from .evaluation import Evaluation, evaluate
@@ -167,7 +168,7 @@ def interpolate(vae, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10, y=No
     x = torch.cat([_single(vae, x_a, "x_a"), _single(vae, x_b, "x_b")])
     y_ab = _endpoint_labels(vae, y)
     with _inference(vae):
-        ends = vae.posterior_mean(x.to(vae.device), _on(vae, y_ab)).cpu()
+        ends = vae.posterior_mean(x.to(device_of(vae)), _on(vae, y_ab)).cpu()
         z_a, z_b = ends[0], ends[1]
         t = torch.linspace(0, 1, steps)
         latents = _slerp(z_a, z_b, t) if spherical else \
@@ -220,7 +221,7 @@ def traverse(vae, x: torch.Tensor | None = None, dims: Sequence[int] | None = No
         if x is None:
             base = torch.zeros(vae.latent_dim)
         else:
-            base = vae.posterior_mean(_single(vae, x, "x").to(vae.device), _on(vae, label)).cpu()[0]
+            base = vae.posterior_mean(_single(vae, x, "x").to(device_of(vae)), _on(vae, label)).cpu()[0]
         latents = base.repeat(len(dims), len(values), 1)
         for row, d in enumerate(dims):
             latents[row, :, d] = values
@@ -408,7 +409,7 @@ def reconstructions(vae, x: torch.Tensor, y: torch.Tensor | None = None,
         raise ConfigError(f"y holds {len(y)} labels for {len(x)} datapoints")
     x, y = x[:n], None if y is None else y[:n]
     with _inference(vae):
-        recon = vae.reconstruct(x.to(vae.device), _on(vae, y)).cpu()
+        recon = vae.reconstruct(x.to(device_of(vae)), _on(vae, y)).cpu()
     if _is_image(vae):
         ncols = min(16, len(x))
         rows = []
@@ -513,7 +514,7 @@ def _endpoint_labels(vae, y) -> torch.Tensor | None:
 
 
 def _on(vae, y: torch.Tensor | None) -> torch.Tensor | None:
-    return None if y is None else y.to(vae.device)
+    return None if y is None else y.to(device_of(vae))
 
 
 def _data(vae, data, split: str, labels) -> tuple[torch.Tensor, torch.Tensor | None,
@@ -561,14 +562,14 @@ def _posterior_means(vae, x: torch.Tensor, y: torch.Tensor | None,
         parts = []
         for start in range(0, len(x), batch_size):
             chunk = slice(start, start + batch_size)
-            parts.append(vae.posterior_mean(x[chunk].to(vae.device),
+            parts.append(vae.posterior_mean(x[chunk].to(device_of(vae)),
                                             None if y is None else _on(vae, y[chunk])).cpu())
     return torch.cat(parts)
 
 
 def _decode_mean(vae, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     """Decoder means E[x | z(, y)] on the CPU (call under :func:`_inference`)."""
-    return vae.decode(z.to(vae.device), _on(vae, y)).mean.cpu()
+    return vae.decode(z.to(device_of(vae)), _on(vae, y)).mean.cpu()
 
 
 def _slerp(z_a: torch.Tensor, z_b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

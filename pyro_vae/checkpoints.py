@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .lvm import device_of
 from . import distributed
 from .errors import ConfigError
 from .runs import RunError
@@ -33,7 +34,7 @@ class LoopState:
 
 def state_dict(vae, optimizer, state: LoopState, order_generator: torch.Generator,
                 rank_states: list[dict] | None = None) -> dict:
-    device = vae.device
+    device = device_of(vae)
     rng = {"torch": torch.get_rng_state(), "order": order_generator.get_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -79,8 +80,8 @@ def load_state(checkpoint: dict, vae, optimizer, order_generator: torch.Generato
         rng = {**rng, **rng["ranks"][context.rank]}  # this rank's own stream
     torch.set_rng_state(rng["torch"])
     order_generator.set_state(rng["order"])
-    if "cuda" in rng and vae.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], vae.device)
+    if "cuda" in rng and device_of(vae).type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device_of(vae))
     order = checkpoint["order"]
     return LoopState(epoch=int(checkpoint["epoch"]), position=int(checkpoint["position"]),
                       step=int(checkpoint["step"]),

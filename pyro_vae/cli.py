@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .lvm import device_of
 from . import config
 from .errors import ConfigError, PyroVAEError
 
@@ -78,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_scoring_arguments(evaluate, "default: the run's data")
     evaluate.add_argument("--batch-size", type=_positive_int, default=256, metavar="B")
     evaluate.add_argument("--device", default="cpu", metavar="auto|cpu|cuda[:i]")
+    evaluate.add_argument("--proposal", choices=("guide", "prior"), default="guide",
+                          help="draw the K particles from the guide q(z|x) (importance "
+                               "sampling, default) or from the prior p(z) (the naive Monte "
+                               "Carlo estimate)")
+    evaluate.add_argument("--refine-steps", type=_non_negative_int, default=0, metavar="S",
+                          help="optimize a per-datapoint guide from the encoder's output for S "
+                               "steps and report the approximation and amortization gaps")
 
     compare = commands.add_parser(
         "compare-estimators", help="bound, gradient SNR/variance and speed of ELBO estimators",
@@ -157,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--data", metavar="NAME|PATH", help="default: the run's data")
 
     for command in commands.choices.values():
+        command.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                             help="import MODULE (or a .py file) first: a plug-in that "
+                                  "registers priors, likelihoods, guides or models "
+                                  "(repeatable; recorded in the run directory)")
         command.add_argument("--threads", type=_positive_int, metavar="N",
                              help="CPU threads for torch's operations (default: torch's "
                                   "choice, one per core); 1 is often fastest for small models "
@@ -193,7 +205,7 @@ def _resume(args: argparse.Namespace) -> int:
     from .training import resume
 
     allowed = {"resume", "epochs", "device", "quiet", "eval_particles", "command", "threads",
-               "tensorboard", "data"}
+               "tensorboard", "data", "imports"}
     given = sorted(name for name, value in vars(args).items()
                    if value is not None and name not in allowed and name not in ("quiet", "dry_run"))
     if given:
@@ -219,30 +231,29 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _build(options: dict[str, Any]):
-    """The data set and a freshly initialised VAE (seeded) described by ``options``."""
+    """The data set and a freshly initialised model (seeded) described by ``options``."""
     import pyro
 
-    from .data import load_data
+    from . import lvm
+    from .data import keep_labels, load_data
     from .training import resolve_device
-    from .vae import VAE
 
     resolve_device(options["device"])  # before any work: CUDA asked for but absent
+    name = lvm.model_name(options)  # contradictory model flags, before the data are read
     dataset = load_data(options["data"], data_dir=options["data_dir"],
                         download=bool(options["download"]), binarize_mode=options["binarize"])
-    conditional = bool(options["conditional"])
-    if conditional and dataset.num_classes is None:
-        raise ConfigError(f"--conditional needs labelled data; {dataset.name!r} has no labels")
+    if options["labels_per_class"] is not None:
+        if name != "m2" and not options["semi_supervised"]:
+            raise ConfigError("--labels-per-class hides training labels for semi-supervised "
+                              "training; use it with --semi-supervised")
+        dataset = keep_labels(dataset, int(options["labels_per_class"]), int(options["seed"]))
     pyro.set_rng_seed(int(options["seed"]))
-    vae = VAE(dataset.data_shape, int(options["latent_dim"]), prior=options["prior"],
-              likelihood=options["likelihood"], guide=options["guide"],
-              encoder=options["encoder"], decoder=options["decoder"], hidden=options["hidden"],
-              activation=options["activation"],
-              prior_options=options["prior_options"] or None,
-              guide_options=options["guide_options"] or None,
-              likelihood_options={**_likelihood_options(options), **options["likelihood_options"]},
-              conditional=conditional,
-              num_classes=dataset.num_classes if conditional else None)
-    return dataset, vae
+    if name == "vae":
+        options = {**options, "likelihood_options_resolved": {
+            **_likelihood_options(options), **options["likelihood_options"]}}
+    elif options["likelihood_scale"] is not None or options["levels"] is not None:
+        raise ConfigError(f"--likelihood-scale and --levels apply to the model vae, not {name}")
+    return dataset, lvm.build_model(dataset, options)
 
 
 def _final_evaluation(result, dataset, particles: int) -> None:
@@ -260,7 +271,15 @@ def _final_evaluation(result, dataset, particles: int) -> None:
     print(f"test log-likelihood (K={summary['particles']}): {summary['log_likelihood']:.3f} "
           f"± {summary['log_likelihood_se']:.3f} nats per datapoint; "
           f"ELBO {summary['elbo']:.3f}; active units {summary['active_units']}"
-          f"/{result.vae.latent_dim}")
+          f"/{_latent_units(result.vae, summary)}")
+
+
+def _latent_units(model, summary: dict) -> Any:
+    dim = getattr(model, "latent_dim", None)
+    if isinstance(dim, int):
+        return dim
+    by_site = summary.get("active_units_by_site")
+    return "+".join(str(v) for v in by_site.values()) if by_site else "?"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -320,7 +339,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_compatible(run.vae, dataset)
     evaluation = evaluate(run.vae, dataset, particles=args.particles, split=args.split,
                           batch_size=args.batch_size, seed=args.seed,
-                          progress=not args.json and sys.stderr.isatty())
+                          progress=not args.json and sys.stderr.isatty(),
+                          proposal=args.proposal, refine_steps=args.refine_steps)
     summary = {"run": str(run.path), "data": dataset.name, "split": args.split,
                **evaluation.summary}
     if args.json:
@@ -329,6 +349,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         width = max(len(k) for k in summary)
         for key, value in summary.items():
             shown = f"{value:.4f}" if isinstance(value, float) else value
+            if isinstance(value, dict):
+                shown = ", ".join(f"{k} {v}" for k, v in value.items())
             print(f"{key:<{width}}  {shown}")
     return 0
 
@@ -383,7 +405,7 @@ def cmd_compare_estimators(args: argparse.Namespace) -> int:
         vae.to(resolve_device(options["device"]))
         if args.pretrain_epochs:
             fit(vae, dataset, "elbo", epochs=args.pretrain_epochs, seed=seed,
-                device=str(vae.device), progress=not args.json)
+                device=str(device_of(vae)), progress=not args.json)
     x = dataset.split(args.split)[: args.batch_size]
     if x.shape[0] < 2:
         raise ConfigError(f"split {args.split!r} has fewer than 2 datapoints")
@@ -515,9 +537,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name")
     _refuse_replacing_run_files(out.parent, [out.name], "--out", args.overwrite)
+    from . import lvm
+
     run = load_run(args.run_dir)
+    lvm.require(run.vae, "sample", "pyro-vae sample")
     if args.label is not None:
-        if not run.vae.conditional:
+        if not lvm.is_conditional(run.vae):
             raise ConfigError(f"--label needs a conditional run; {args.run_dir} is not conditional")
         if args.label >= run.vae.num_classes:
             raise ConfigError(f"--label must be below {run.vae.num_classes}, not {args.label}")
@@ -525,9 +550,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     check_sample_size(run.vae, args.n, image=suffix == ".png")  # before anything is allocated
     torch.manual_seed(args.seed)
-    samples = run.vae.sample(args.n, args.label)
+    samples = run.vae.sample(args.n) if args.label is None else run.vae.sample(args.n, args.label)
     if suffix == ".png":
-        plots.save_grid(samples, run.vae.data_shape, out, nrow=max(1, int(math.sqrt(args.n))))
+        plots.save_grid(samples, plots._data_shape(run.vae), out,
+                        nrow=max(1, int(math.sqrt(args.n))))
     elif suffix == ".npy":
         np.save(out, samples.cpu().numpy())
     else:
@@ -582,12 +608,40 @@ def _terminate(signum, frame) -> None:
     raise _Terminated
 
 
+def _plugin_arguments(argv: Sequence[str]) -> list[str]:
+    """The values of ``--import`` in ``argv``, read before the parser is built (a plug-in's
+    priors, likelihoods and models must be among the choices it offers)."""
+    found = []
+    for i, item in enumerate(argv):
+        if item == "--":
+            break
+        if item == "--import" and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif item.startswith("--import="):
+            found.append(item.split("=", 1)[1])
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import signal
     import threading
+    import warnings
 
+    from . import plugins
     from .training import TrainingInterrupted
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((item for item in argv if not item.startswith("-")), "pyro-vae")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plugins.load_entry_points()
+    for warning in caught:
+        print(f"pyro-vae: warning: {warning.message}", file=sys.stderr)
+    try:
+        plugins.import_plugins(_plugin_arguments(argv))
+    except PyroVAEError as exc:
+        print(f"pyro-vae {command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):

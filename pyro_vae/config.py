@@ -36,7 +36,7 @@ from .errors import ConfigError
 #: sections of the schema: where an option goes
 SECTIONS = ("data", "model", "training", "run")
 #: TOML tables (and ``--KIND-option`` flags) that name a component and set its options
-COMPONENT_SECTIONS = ("prior", "likelihood", "guide")
+COMPONENT_SECTIONS = ("prior", "likelihood", "guide", "model")
 
 
 class OptionError(ConfigError):
@@ -127,6 +127,26 @@ def _hidden() -> Kind:
     return Kind(expected, check, check)
 
 
+def _latent_dims() -> Kind:
+    expected = ('a positive integer, or one per stochastic layer as a list [100, 50] or a '
+                'string "100,50"')
+
+    def check(value: Any) -> int | tuple[int, ...]:
+        if _is_int(value) and value >= 1:
+            return int(value)
+        if isinstance(value, str):
+            try:
+                value = _sizes(value)
+            except ValueError:
+                raise ValueError(expected) from None
+        if not (isinstance(value, (list, tuple)) and value
+                and all(_is_int(v) and v >= 1 for v in value)):
+            raise ValueError(expected)
+        return int(value[0]) if len(value) == 1 else tuple(int(v) for v in value)
+
+    return Kind(expected, check, check)
+
+
 def _scale() -> Kind:
     modes = ("shared", "per-dim", "decoder")
     expected = f"{', '.join(modes)} or a positive number"
@@ -156,6 +176,7 @@ FINITE = _number("a finite number", math.isfinite)
 STRING = _string()
 BOOLEAN = _boolean()
 HIDDEN = _hidden()
+LATENT_DIMS = _latent_dims()
 SCALE = _scale()
 
 
@@ -199,6 +220,11 @@ def _networks():
 def _activations():
     from .networks import ACTIVATIONS
     return ACTIVATIONS
+
+
+def _models():
+    from .lvm import MODELS
+    return MODELS
 
 
 def _objectives():
@@ -262,7 +288,13 @@ def _options() -> tuple[Option, ...]:
         O("binarize", STRING, None, "data", "binary data from grey levels: sampled once "
           "(static), or every step (dynamic)", choices=lambda: ["dynamic", "static"],
           optional=True),
+        O("labels_per_class", POSITIVE_INT, None, "data", "keep the labels of N training "
+          "datapoints per class (chosen with the seed), the rest unlabelled: semi-supervised "
+          "training", "N", optional=True),
         # model
+        O("model", STRING, "vae", "model", "the latent-variable model: vae (prior, likelihood "
+          "and guide below), hierarchical, mixture, m2, or one a plug-in registers",
+          choices=_choice(_models)),
         O("prior", STRING, "normal", "model", "the prior p(z)", choices=_choice(_priors)),
         O("likelihood", STRING, "bernoulli", "model", "the likelihood p(x|z)",
           choices=_choice(_likelihoods)),
@@ -275,9 +307,14 @@ def _options() -> tuple[Option, ...]:
         O("hidden", HIDDEN, (256, 256), "model", "hidden widths of mlp networks", "400,400"),
         O("activation", STRING, "relu", "model", "activation of the hidden layers of mlp networks",
           choices=lambda: list(_activations())),
-        O("latent_dim", POSITIVE_INT, 8, "model", "latent dimensions", "D"),
+        O("latent_dim", LATENT_DIMS, 8, "model", "latent dimensions; one per stochastic layer "
+          "(100,50) for a hierarchical VAE", "D"),
         O("conditional", BOOLEAN, False, "model",
           "a conditional VAE p(x|z,y), q(z|x,y) on the data's labels"),
+        O("conditional_prior", BOOLEAN, False, "model",
+          "a learned prior p(z|y) per class for the conditional VAE"),
+        O("semi_supervised", BOOLEAN, False, "model", "the semi-supervised model M2 (Kingma et "
+          "al. 2014) on partly labelled data (see --labels-per-class)"),
         O("levels", POSITIVE_INT, None, "model", "levels of the categorical likelihood "
           "(default: 17 for digits, else 256)", "L", optional=True),
         # training: the keyword arguments of fit, TrainConfig, config.json's "training"

@@ -641,6 +641,38 @@ def _load_data(spec: str | Path, device: torch.device | str = "cpu", *,
     return dataset.to(device)
 
 
+#: The label of a training datapoint whose label is hidden (semi-supervised training).
+UNLABELLED = -1
+
+
+def keep_labels(dataset: Dataset, per_class: int, seed: int = 0) -> Dataset:
+    """``dataset`` with the labels of ``per_class`` training datapoints of each class kept
+    (chosen at random with ``seed``) and the others hidden (:data:`UNLABELLED`), for
+    semi-supervised training; validation and test labels are untouched. Recorded in the
+    dataset's ``source`` (``labels_per_class``, ``label_seed``), so a resumed or evaluated run
+    hides the same labels."""
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise DataError(f"labels per class must be a positive integer, not {per_class!r}")
+    labels = dataset.split_labels("train")
+    if labels is None:
+        raise DataError(f"--labels-per-class needs labelled data; {dataset.name!r} has no labels")
+    labels_cpu = labels.cpu()
+    generator = torch.Generator().manual_seed(int(seed))
+    keep = torch.zeros(len(labels_cpu), dtype=torch.bool)
+    for label in torch.unique(labels_cpu[labels_cpu >= 0]).tolist():
+        rows = torch.nonzero(labels_cpu == label).flatten()
+        if len(rows) < per_class:
+            raise DataError(f"class {label} of {dataset.name!r} has {len(rows)} training "
+                            f"datapoints, fewer than --labels-per-class {per_class}")
+        keep[rows[torch.randperm(len(rows), generator=generator)[:per_class]]] = True
+    hidden = torch.where(keep, labels_cpu, torch.full_like(labels_cpu, UNLABELLED))
+    result = Dataset(dataset.name, dataset.data_shape, dataset.train, dataset.val, dataset.test,
+                     {**dataset.labels, "train": hidden.to(labels.device)},
+                     dataset.dynamic_binarization,
+                     {**dataset.source, "labels_per_class": per_class, "label_seed": int(seed)})
+    return result
+
+
 def _recorded_fingerprint(source: dict) -> dict | None:
     fingerprint = source.get("fingerprint")
     if fingerprint is None:
@@ -700,5 +732,13 @@ def load_recorded(source: dict, data: str | Path | None = None,
     else:
         mismatch = (f"{spec}: the file's contents differ from the data this run was trained on "
                     "(size/sha256 recorded in config.json); pass the right file with --data")
-    return _load_data(spec, device, data_dir=data_dir, binarize_mode=binarize_mode,
-                      split_seed=split_seed, expected=expected, mismatch=mismatch)
+    dataset = _load_data(spec, device, data_dir=data_dir, binarize_mode=binarize_mode,
+                         split_seed=split_seed, expected=expected, mismatch=mismatch)
+    kept = source.get("labels_per_class")
+    if kept is not None:
+        label_seed = source.get("label_seed", 0)
+        if type(kept) is not int or kept < 1 or type(label_seed) is not int or label_seed < 0:
+            raise DataError("config.json: the recorded labels_per_class/label_seed are not "
+                            "positive integers")
+        dataset = keep_labels(dataset, kept, label_seed)
+    return dataset

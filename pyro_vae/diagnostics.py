@@ -34,9 +34,11 @@ import numpy as np
 import pyro
 import torch
 
+from .lvm import device_of
+from . import lvm
 from .data import Dataset
 from .errors import ConfigError, PyroVAEError
-from .evaluation import _CHUNK_FLOATS, evaluate, scored_batches
+from .evaluation import _CHUNK_FLOATS, active_units, evaluate, scored_batches
 from .training import check_compatible, labels_for
 
 #: A latent dimension whose :math:`\mathrm{KL}(q \,\|\, p)`, averaged over datapoints, is below this
@@ -203,14 +205,16 @@ def _split_data(vae, data, split: str, labels, max_datapoints):
         y = labels_for(vae, data, split)
     elif torch.is_tensor(data):
         x, y = data, labels
-        if x.ndim != 2 or x.shape[1] != vae.data_dim:
-            raise ConfigError(f"data of shape {list(x.shape)} do not fit a VAE of "
-                              f"data_dim {vae.data_dim}")
+        data_dim = getattr(vae, "data_dim", None)
+        if x.ndim != 2 or (data_dim is not None and x.shape[1] != data_dim):
+            raise ConfigError(f"data of shape {list(x.shape)} do not fit a model of "
+                              f"data_dim {data_dim}")
     else:
         raise ConfigError(f"data must be a Dataset or a [N, D] tensor, not {type(data).__name__}")
-    if vae.conditional and y is None:
-        raise ConfigError("a conditional VAE needs labels")
-    if not vae.conditional:
+    conditional = lvm.is_conditional(vae)
+    if conditional and y is None:
+        raise ConfigError("a conditional model needs labels")
+    if not conditional:
         y = None
     if max_datapoints is not None:
         if isinstance(max_datapoints, bool) or not isinstance(max_datapoints, int) \
@@ -220,7 +224,7 @@ def _split_data(vae, data, split: str, labels, max_datapoints):
         y = None if y is None else y[:max_datapoints]
     if x.shape[0] == 0:
         raise ConfigError("no datapoints to diagnose")
-    return x.to(vae.device), (None if y is None else y.to(vae.device))
+    return x.to(device_of(vae)), (None if y is None else y.to(device_of(vae)))
 
 
 def _check_positive_int(what: str, value) -> None:
@@ -230,11 +234,12 @@ def _check_positive_int(what: str, value) -> None:
 
 @torch.no_grad()
 def _draw(vae, x, y, particles: int, seed: int, batch_size: int, latents: bool) -> dict:
-    """Log-density terms [K, N] (and z [K, N, d]) of K guide particles per datapoint."""
+    """Log-density terms [K, N] (and the values [K, N, units] of every continuous latent site
+    in plate "data", under ``"sites"``) of K guide particles per datapoint."""
     n = x.shape[0]
     out = {name: np.empty((particles, n), dtype=np.float32)
            for name in ("log_weight", "log_likelihood", "log_prior", "log_guide")}
-    out["z"] = np.empty((particles, n, vae.latent_dim), dtype=np.float32) if latents else None
+    out["sites"] = {}
     for start, xb, _, chunks in scored_batches(vae, x, y, particles, batch_size, seed):
         stop, done = start + xb.shape[0], 0
         for weights in chunks:
@@ -245,12 +250,34 @@ def _draw(vae, x, y, particles: int, seed: int, batch_size: int, latents: bool) 
             out["log_prior"][rows, start:stop] = weights.log_prior.cpu().numpy()
             out["log_guide"][rows, start:stop] = weights.log_guide.cpu().numpy()
             if latents:
-                z = weights.latents
-                if z is None or z.shape != (k, xb.shape[0], vae.latent_dim):
-                    raise PyroVAEError("the guide has no latent site 'z' of shape "
-                                       "[particles, batch, latent_dim]")
-                out["z"][rows, start:stop] = z.cpu().numpy()
+                for name, value in _site_values(weights, xb.shape[0]).items():
+                    if name not in out["sites"]:
+                        if start or done:  # a site that appears after the first batch
+                            continue
+                        out["sites"][name] = np.empty((particles, n, value.shape[-1]),
+                                                      dtype=np.float32)
+                    if out["sites"][name].shape[-1] == value.shape[-1]:
+                        out["sites"][name][rows, start:stop] = value.cpu().numpy()
             done += k
+    if latents and not out["sites"]:
+        raise PyroVAEError("the guide has no continuous latent site in plate 'data' to record; "
+                           "pass latents=False")
+    return out
+
+
+def _site_values(weights, batch: int) -> dict[str, torch.Tensor]:
+    """``[K, batch, units]`` values of the continuous latent sites in plate "data"."""
+    out = {}
+    for name, site in weights.sites.items():
+        value = site.value
+        if not site.local or not torch.is_tensor(value) or not value.dtype.is_floating_point:
+            continue
+        event = len(site.guide.event_shape)
+        if value.dim() - event == 1:
+            value = value.unsqueeze(0)
+        if value.dim() - event != 2 or value.shape[1] != batch:
+            continue
+        out[name] = value.detach().reshape(value.shape[0], batch, -1)
     return out
 
 
@@ -304,12 +331,17 @@ def _inference_data(vae, x, y, split_name: str, particles: int, seed: int, laten
                                for name in ("log_weight", "log_prior", "log_guide")}),
         "observed_data": xr.Dataset(
             {"x": (("datapoint", "feature"), x.cpu().numpy())},
-            coords={"datapoint": np.arange(n), "feature": np.arange(vae.data_dim)}),
+            coords={"datapoint": np.arange(n), "feature": np.arange(x.shape[1])}),
     }
     if latents:
-        groups["posterior"] = group(
-            {"z": (sample_dims + ("latent",), draws["z"][None])},
-            {"latent": np.arange(vae.latent_dim)})
+        sites = draws["sites"]
+        variables, extra = {}, {}
+        for name, values in sites.items():
+            # the VAE's one site keeps its dimension name "latent"; several sites get their own
+            dim = "latent" if name == "z" else f"{name}_dim"
+            variables[name] = (sample_dims + (dim,), values[None])
+            extra[dim] = np.arange(values.shape[-1])
+        groups["posterior"] = group(variables, extra)
     if y is not None:
         groups["constant_data"] = xr.Dataset({"y": (("datapoint",), y.cpu().numpy())},
                                              coords={"datapoint": np.arange(n)})
@@ -410,9 +442,9 @@ def kl_per_dimension(vae, x: torch.Tensor, y: torch.Tensor | None = None, *, sam
                               "factorize over latent dimensions; no KL per dimension")
     was_training = vae.training
     vae.eval()
-    totals = torch.zeros(d, dtype=torch.float64, device=vae.device)
+    totals = torch.zeros(d, dtype=torch.float64, device=device_of(vae))
     method = "closed form"
-    devices = [vae.device] if vae.device.type == "cuda" else []
+    devices = [device_of(vae)] if device_of(vae).type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
             torch.manual_seed(seed)
@@ -428,7 +460,7 @@ def kl_per_dimension(vae, x: torch.Tensor, y: torch.Tensor | None = None, *, sam
                     kl = torch.distributions.kl_divergence(guide, prior)
                 except NotImplementedError:
                     method = "monte carlo"
-                    kl = torch.zeros(xb.shape[0], d, device=vae.device)
+                    kl = torch.zeros(xb.shape[0], d, device=device_of(vae))
                     chunk = max(1, min(samples, _CHUNK_FLOATS // max(1, xb.shape[0] * d)))
                     done = 0
                     while done < samples:
@@ -443,6 +475,88 @@ def kl_per_dimension(vae, x: torch.Tensor, y: torch.Tensor | None = None, *, sam
     note = None if method == "closed form" else \
         f"Monte Carlo estimate ({samples} draws per datapoint): no closed-form KL for this pair"
     return KLPerDimension((totals / x.shape[0]).cpu().numpy(), method, note)
+
+
+def _is_plain_vae(vae) -> bool:
+    from .vae import VAE
+
+    return isinstance(vae, VAE) and not getattr(vae, "conditional_prior", False)
+
+
+@torch.no_grad()
+def site_kl_per_dimension(model, x: torch.Tensor, y: torch.Tensor | None = None, *,
+                          particles: int = 100, seed: int = 0,
+                          batch_size: int = 256) -> dict[str, KLPerDimension]:
+    r"""Per continuous latent site :math:`s` in plate "data" of any latent-variable model
+    (:mod:`pyro_vae.lvm`), the mean over the datapoints ``x`` of
+    :math:`\mathbb{E}_q\big[\mathrm{KL}(q(z_{s,d} \mid \cdot) \,\|\, p(z_{s,d} \mid
+    \cdot))\big]` for each of its dimensions :math:`d`, where both conditionals are the ones the
+    guide and the model's trace hold at the site (so for a hierarchy z₂ → z₁ → x the prior of
+    :math:`z_1` is :math:`p(z_1 \mid z_2)` at the guide's draw of :math:`z_2`), averaged over
+    K = ``particles`` draws of the site's parents: the site's term of the ELBO's KL, split by
+    dimension. Closed form per draw where ``torch.distributions.kl_divergence`` knows the
+    pair of per-dimension bases, else the Monte Carlo estimate
+    :math:`\log q(z_{s,d}) - \log p(z_{s,d})` at the draws; a site whose guide or prior does
+    not factorize over its dimensions gets ``values=None`` and a note."""
+    _check_positive_int("particles", particles)
+    totals: dict[str, torch.Tensor] = {}
+    methods: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    for _, xb, _, chunks in scored_batches(model, x, y, particles, batch_size, seed):
+        for weights in chunks:
+            for name, site in weights.sites.items():
+                value = site.value
+                if (not site.local or not torch.is_tensor(value)
+                        or not value.dtype.is_floating_point or name in notes):
+                    continue
+                units = site.guide.event_shape.numel() if site.guide.event_shape else 1
+                q = _factorized(site.guide, units)
+                p = _factorized(site.prior, units)
+                if q is None or p is None:
+                    which = "guide" if q is None else "prior"
+                    notes[name] = (f"the {which} of site {name!r} does not factorize over its "
+                                   "dimensions; no KL per dimension")
+                    continue
+                try:
+                    kl = torch.distributions.kl_divergence(q, p)
+                    methods.setdefault(name, "closed form")
+                except NotImplementedError:
+                    kl = q.log_prob(value) - p.log_prob(value)
+                    methods[name] = "monte carlo"
+                kl = kl.reshape(-1, xb.shape[0], units) if kl.dim() >= 2 else kl
+                total = kl.double().sum(0)  # over particles: [batch, units]
+                total = total.expand(xb.shape[0], units).sum(0)
+                totals[name] = totals.get(name, 0) + total
+    out = {}
+    for name in list(totals) + [n for n in notes if n not in totals]:
+        if name in notes:
+            out[name] = KLPerDimension(None, None, notes[name])
+        else:
+            values = (totals[name] / (particles * x.shape[0])).cpu().numpy()
+            note = None if methods[name] == "closed form" else \
+                f"Monte Carlo estimate at the {particles} draws per datapoint"
+            out[name] = KLPerDimension(values, methods[name], note)
+    return out
+
+
+@dataclass
+class SiteDiagnosis:
+    """The diagnostics of one latent site: its dimensions (``units``), KL per dimension
+    (``None`` where unknown), the collapsed dimensions and the active units."""
+
+    units: int
+    kl_per_dim: np.ndarray | None
+    kl_method: str | None
+    kl_note: str | None
+    collapsed: list[int] | None
+    active_units: int
+
+    def summary(self) -> dict:
+        kl = None if self.kl_per_dim is None else [float(v) for v in self.kl_per_dim]
+        return {"units": self.units, "kl_per_dim": kl,
+                "kl_total": None if kl is None else float(sum(kl)),
+                "kl_method": self.kl_method, "kl_note": self.kl_note,
+                "collapsed_dims": self.collapsed, "active_units": self.active_units}
 
 
 # -- the diagnosis -----------------------------------------------------------------------------
@@ -473,6 +587,8 @@ class Diagnosis:
     inference_data: Any = field(repr=False)
     netcdf_path: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    #: per latent site (``"z"`` for a VAE; ``"z1"``, ``"z2"`` for a hierarchy, …)
+    sites: dict[str, SiteDiagnosis] = field(default_factory=dict)
 
     @property
     def num_datapoints(self) -> int:
@@ -507,6 +623,7 @@ class Diagnosis:
             "collapse_threshold": COLLAPSE_THRESHOLD, "collapsed_dims": self.collapsed,
             "diagnostics_file": None if self.netcdf_path is None else str(self.netcdf_path),
             "warnings": list(self.warnings),
+            "sites": {name: site.summary() for name, site in self.sites.items()},
         }
 
     def format(self) -> str:
@@ -523,8 +640,22 @@ class Diagnosis:
             f"{100 * k['above_good']:.1f} % > {PARETO_K_GOOD}, "
             f"{100 * k['above_bad']:.1f} % > {PARETO_K_BAD} (reliable below "
             f"{pareto_k_threshold(self.particles):.2f} at this K)",
-            f"active units {ev['active_units']}/{self.latent_dim}",
         ]
+        if len(self.sites) > 1:
+            for name, site in self.sites.items():
+                lines.append(f"site {name}: active units {site.active_units}/{site.units}")
+                if site.kl_per_dim is None:
+                    lines.append(f"  KL per dimension: unavailable ({site.kl_note})")
+                    continue
+                lines.append(f"  KL per dimension (nats, {site.kl_method}; total "
+                             f"{float(site.kl_per_dim.sum()):.3f}):")
+                cells = [f"{name}[{d}]={v:.3f}" for d, v in enumerate(site.kl_per_dim)]
+                lines += ["    " + "  ".join(cells[i:i + 8]) for i in range(0, len(cells), 8)]
+            lines += [f"warning: {text}" for text in self.warnings]
+            if self.netcdf_path is not None:
+                lines.append(f"InferenceData written to {self.netcdf_path}")
+            return "\n".join(lines)
+        lines.append(f"active units {ev['active_units']}/{self.latent_dim}")
         if self.kl_per_dim is None:
             lines.append(f"KL per latent dimension: unavailable ({self.kl_note})")
         else:
@@ -562,18 +693,43 @@ def diagnose(vae, data: Dataset | torch.Tensor, split: str = "test", particles: 
     idata = _inference_data(vae, x, y, split_name, particles, seed, latents, batch_size)
     khat = pareto_k(idata.sample_stats["log_weight"].values[0])
     evaluation = evaluate(vae, x, particles, labels=y, batch_size=batch_size, seed=seed)
-    kl = kl_per_dimension(vae, x, y, samples=particles, seed=seed, batch_size=batch_size)
-    collapsed = None if kl.values is None else \
-        [int(d) for d in np.flatnonzero(kl.values < COLLAPSE_THRESHOLD)]
+    if _is_plain_vae(vae):
+        kls = {"z": kl_per_dimension(vae, x, y, samples=particles, seed=seed,
+                                     batch_size=batch_size)}
+    else:
+        kls = site_kl_per_dimension(vae, x, y, particles=particles, seed=seed,
+                                    batch_size=batch_size)
+    means = evaluation.site_posterior_means
+    sites = {}
+    for name in list(means) + [n for n in kls if n not in means]:
+        kl = kls.get(name, KLPerDimension(None, None, f"site {name!r} has no KL per dimension"))
+        units = int(means[name].shape[-1]) if name in means else \
+            (0 if kl.values is None else len(kl.values))
+        collapsed = None if kl.values is None else \
+            [int(d) for d in np.flatnonzero(kl.values < COLLAPSE_THRESHOLD)]
+        sites[name] = SiteDiagnosis(units, kl.values, kl.method, kl.note, collapsed,
+                                    active_units(means[name]) if name in means else 0)
+    primary = "z" if "z" in sites else next(iter(sites), None)
+    first = sites.get(primary) if primary is not None else None
+    latent_dim = getattr(vae, "latent_dim", None)
+    if not isinstance(latent_dim, int):
+        latent_dim = sum(site.units for site in sites.values())
     diagnosis = Diagnosis(split=split_name, particles=particles, seed=seed,
-                          latent_dim=vae.latent_dim, pareto_k=khat,
-                          evaluation=dict(evaluation.summary), kl_per_dim=kl.values,
-                          kl_method=kl.method, kl_note=kl.note, collapsed=collapsed,
-                          inference_data=idata)
-    if collapsed:
-        diagnosis.warnings.append(
-            f"posterior collapse: {len(collapsed)}/{vae.latent_dim} latent dimensions carry "
-            f"KL < {COLLAPSE_THRESHOLD} nats: " + ", ".join(f"z{d}" for d in collapsed))
+                          latent_dim=latent_dim, pareto_k=khat,
+                          evaluation=dict(evaluation.summary),
+                          kl_per_dim=None if first is None else first.kl_per_dim,
+                          kl_method=None if first is None else first.kl_method,
+                          kl_note="the model has no continuous latent site" if first is None
+                          else first.kl_note,
+                          collapsed=None if first is None else first.collapsed,
+                          inference_data=idata, sites=sites)
+    for name, site in sites.items():
+        if site.collapsed:
+            label = "latent dimensions" if name == "z" else f"dimensions of site {name}"
+            diagnosis.warnings.append(
+                f"posterior collapse: {len(site.collapsed)}/{site.units} {label} carry "
+                f"KL < {COLLAPSE_THRESHOLD} nats: " + ", ".join(
+                    (f"z{d}" if name == "z" else f"{name}[{d}]") for d in site.collapsed))
     above = diagnosis._k_stats()["above_bad"]
     if above > 0:
         diagnosis.warnings.append(

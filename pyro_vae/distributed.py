@@ -102,11 +102,14 @@ class LossModule(nn.Module):
 
     def __init__(self, vae: nn.Module, objective):
         super().__init__()
+        from .lvm import programs
+
         self.vae, self.objective = vae, objective
+        #: the model's (model, guide), callable with (x, y, num_data) (:func:`pyro_vae.lvm.programs`)
+        self.programs = programs(vae)
 
     def forward(self, x, y=None, num_data=None):
-        return self.objective.differentiable_loss(self.vae.model, self.vae.guide, x, y,
-                                                  num_data=num_data)
+        return self.objective.differentiable_loss(*self.programs, x, y, num_data=num_data)
 
 
 def wrap(vae: nn.Module, objective, context: Context) -> nn.Module:

@@ -41,6 +41,8 @@ import torch
 from pyro.infer import config_enumerate
 from pyro.poutine.messenger import Messenger
 
+from . import lvm
+from .lvm import device_of
 from .errors import ConfigError
 from .models.priors import RelaxedOneHotCategorical
 from .objectives import OBJECTIVES, make_objective
@@ -123,9 +125,17 @@ ROW_KEYS = ("objective", "particles", "bound", "bound_se", "encoder_snr", "decod
             "encoder_grad_var", "decoder_grad_var", "ms_per_step")
 
 
-def parameter_groups(vae) -> dict[str, list[torch.nn.Parameter]]:
+def parameter_groups(vae, x: torch.Tensor | None = None,
+                     labels: torch.Tensor | None = None) -> dict[str, list[torch.nn.Parameter]]:
     r"""``encoder``: :math:`q_\phi`'s parameters (encoder network, guide family); ``decoder``:
-    :math:`p_\theta`'s."""
+    :math:`p_\theta`'s. For a model other than :class:`pyro_vae.VAE` they are found by tracing
+    the two programs on ``x`` (:func:`pyro_vae.lvm.parameter_roles`): the guide's parameters
+    (with any it shares with the model) are ``encoder``, the rest ``decoder``."""
+    if not (hasattr(vae, "encoder") and hasattr(vae, "guide_family")):
+        if x is None:
+            raise ConfigError("parameter_groups of a model other than a VAE needs a batch x")
+        guide, model_only, _ = lvm.parameter_roles(vae, x, labels)
+        return {"encoder": guide, "decoder": model_only}
     encoder = [*vae.encoder.parameters(), *vae.guide_family.parameters()]
     encoder_ids = {id(p) for p in encoder}
     decoder = [p for p in vae.parameters() if id(p) not in encoder_ids]
@@ -147,9 +157,9 @@ def gradient_draws(vae, objective, x: torch.Tensor, repeats: int,
                    labels: torch.Tensor | None = None,
                    gradient: str = "pathwise") -> dict[str, torch.Tensor]:
     """R = ``repeats`` gradients of the per-datapoint loss on ``x``: ``{group: [R, P_group]}``."""
-    groups = parameter_groups(vae)
+    groups = parameter_groups(vae, x, labels)
     draws = {name: [] for name in groups}
-    loss_module = objective(*with_gradient(vae.model, vae.guide, gradient))
+    loss_module = objective(*with_gradient(*lvm.programs(vae), gradient))
     for _ in range(repeats):
         vae.zero_grad(set_to_none=True)
         (loss_module(x, labels) / x.shape[0]).backward()
@@ -178,10 +188,13 @@ def compare_estimators(vae, x: torch.Tensor, objectives: Sequence[str] = ("elbo"
             raise ConfigError(f"particles must be positive integers, not {k!r}")
     if repeats < 2:
         raise ConfigError(f"repeats must be at least 2 to estimate a variance, not {repeats}")
-    if x.ndim != 2 or x.shape[1] != vae.data_dim or x.shape[0] < 2:
-        raise ConfigError(f"need a batch of at least 2 datapoints of dimension {vae.data_dim}")
-    x = x.to(vae.device)
-    labels = None if labels is None else labels.to(vae.device)
+    lvm.check_protocol(vae, "compare_estimators")
+    data_dim = getattr(vae, "data_dim", None)
+    if x.ndim != 2 or x.shape[0] < 2 or (data_dim is not None and x.shape[1] != data_dim):
+        raise ConfigError("need a batch of at least 2 datapoints"
+                          + (f" of dimension {data_dim}" if data_dim is not None else ", [N, D]"))
+    x = x.to(device_of(vae))
+    labels = None if labels is None else labels.to(device_of(vae))
     pairs = [(spec, estimator, k) for spec, estimator in zip(objectives, estimators)
              for k in particles]
     rows = []
@@ -191,7 +204,7 @@ def compare_estimators(vae, x: torch.Tensor, objectives: Sequence[str] = ("elbo"
         for spec, (name, gradient), k in tqdm(pairs, desc="compare estimators",
                                              disable=not progress):
             objective = make_objective(name, k, alpha=alpha if name == "renyi" else None)
-            model, guide = with_gradient(vae.model, vae.guide, gradient, temperature)
+            model, guide = with_gradient(*lvm.programs(vae), gradient, temperature)
             pyro.set_rng_seed(seed)
             with torch.no_grad():
                 bound, _ = objective.per_datapoint_bound(model, guide, x, labels)
@@ -212,15 +225,15 @@ def compare_estimators(vae, x: torch.Tensor, objectives: Sequence[str] = ("elbo"
 
 def _ms_per_step(vae, objective, x: torch.Tensor, labels, repeats: int,
                  gradient: str = "pathwise") -> float:
-    loss_module = objective(*with_gradient(vae.model, vae.guide, gradient))
+    loss_module = objective(*with_gradient(*lvm.programs(vae), gradient))
     times = []
     for i in range(repeats + 2):
-        if vae.device.type == "cuda":
-            torch.cuda.synchronize(vae.device)
+        if device_of(vae).type == "cuda":
+            torch.cuda.synchronize(device_of(vae))
         start = time.perf_counter()
         loss_module(x, labels).backward()
-        if vae.device.type == "cuda":
-            torch.cuda.synchronize(vae.device)
+        if device_of(vae).type == "cuda":
+            torch.cuda.synchronize(device_of(vae))
         if i >= 2:  # the first passes warm caches up
             times.append(time.perf_counter() - start)
     vae.zero_grad(set_to_none=True)

@@ -46,8 +46,10 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from .lvm import device_of
 from .data import Dataset
 from .errors import ConfigError
+from . import lvm
 from .log_weights import log_weights
 from .resources import PeakMemory, available_memory, format_bytes, release_free_memory
 
@@ -109,6 +111,13 @@ class Evaluation:
     posterior_means: torch.Tensor
     particles: int
     summary: dict = field(default_factory=dict)
+    #: :math:`\mathbb{E}_q[z_s \mid x]` ``[N, units]`` of every continuous latent site ``s`` in
+    #: plate "data" (``posterior_means`` is the one of ``"z"``, or of the first such site)
+    site_posterior_means: dict = field(default_factory=dict)
+    #: :math:`\log p(x)` in closed form per datapoint (``None`` where it is not known)
+    exact_log_likelihood: torch.Tensor | None = None
+    #: the amortization-gap decomposition of ``evaluate(..., refine_steps=S)``
+    gaps: object | None = None
 
     def __post_init__(self):
         n = self.elbo.shape[0]
@@ -116,8 +125,6 @@ class Evaluation:
         def se(values):
             return float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
 
-        variances = self.posterior_means.var(dim=0, unbiased=True) if n > 1 else \
-            torch.zeros(self.posterior_means.shape[-1])
         self.summary = {
             "elbo": float(self.elbo.mean()), "elbo_se": se(self.elbo),
             "log_likelihood": float(self.log_likelihood.mean()),
@@ -126,10 +133,22 @@ class Evaluation:
             "log_likelihood_mc_se": float(self.log_likelihood_mc_se.pow(2).sum().sqrt() / n),
             "reconstruction": float(self.reconstruction.mean()),
             "kl": float(self.kl.mean()),
-            "active_units": int((variances > ACTIVE_UNIT_THRESHOLD).sum()),
+            "active_units": active_units(self.posterior_means),
             "mean_ess": float(self.ess.mean()),
             "particles": self.particles, "num_datapoints": n,
         }
+        if len(self.site_posterior_means) > 1:  # a hierarchy: active units of every layer
+            self.summary["active_units_by_site"] = {
+                name: active_units(means) for name, means in self.site_posterior_means.items()}
+
+
+def active_units(posterior_means: torch.Tensor) -> int:
+    r"""Latent units whose :math:`\operatorname{Var}_x \mathbb{E}_q[z_u \mid x]` exceeds
+    :data:`ACTIVE_UNIT_THRESHOLD` (Burda et al. 2016), from ``[N, units]`` posterior means."""
+    n = posterior_means.shape[0]
+    if n < 2 or posterior_means.ndim != 2 or posterior_means.shape[1] == 0:
+        return 0
+    return int((posterior_means.var(dim=0, unbiased=True) > ACTIVE_UNIT_THRESHOLD).sum())
 
 
 def scored_batches(vae, x_all, labels, particles: int, batch_size: int, seed: int,
@@ -144,7 +163,7 @@ def scored_batches(vae, x_all, labels, particles: int, batch_size: int, seed: in
     seed gives the same particles to every consumer (``evaluate``, the diagnostics) and leaves
     the caller's random state untouched.
     """
-    device = vae.device
+    device = device_of(vae)
     was_training = vae.training
     vae.eval()
     try:
@@ -176,17 +195,17 @@ def _particle_chunks(vae, x: torch.Tensor, y, particles: int, chunk: int, trim: 
     done = 0
     while done < particles:
         k = min(chunk, particles - done)
-        yield log_weights(vae.model, vae.guide, x, y, particles=k).per_datapoint_only(
+        yield log_weights(*lvm.programs(vae), x, y, particles=k).per_datapoint_only(
             "evaluation")
         done += k
-        if trim and vae.device.type == "cpu":  # the last chunk's tensors are freed by now
+        if trim and device_of(vae).type == "cpu":  # the last chunk's tensors are freed by now
             release_free_memory()
 
 
 def _probe(vae, x, y, particles: int) -> int:
     """Peak bytes of the tensors one log-weights pass holds (its result included)."""
     with PeakMemory() as memory:
-        weights = log_weights(vae.model, vae.guide, x, y, particles=particles)
+        weights = log_weights(*lvm.programs(vae), x, y, particles=particles)
         weights.total(), weights.log_likelihood  # the terms evaluate reads
         del weights
     return memory.peak
@@ -234,7 +253,7 @@ def _cost(vae, x_all, labels, single_particle: bool, budget: int) -> tuple:
     :func:`memory_plan`) or remembered for this VAE's architecture."""
     n = 1 if single_particle else min(_PROBE_DATAPOINTS, x_all.shape[0])
     limit = min(_PROBE_ROWS, x_all.shape[0]) if single_particle else _PROBE_ROWS // n
-    key = (single_particle, n, limit, budget, str(vae.device), torch.get_default_dtype(),
+    key = (single_particle, n, limit, budget, str(device_of(vae)), torch.get_default_dtype(),
            x_all.dtype, tuple(x_all.shape[1:]), labels is None, type(vae),
            tuple((name, tuple(p.shape)) for name, p in vae.named_parameters()))
     try:
@@ -245,13 +264,13 @@ def _cost(vae, x_all, labels, single_particle: bool, budget: int) -> tuple:
         return remembered[key]
 
     def rows(m):
-        x = x_all[:m].to(vae.device)
-        return x, (None if labels is None else labels[:m].to(vae.device))
+        x = x_all[:m].to(device_of(vae))
+        return x, (None if labels is None else labels[:m].to(device_of(vae)))
 
     was_training = vae.training
     vae.eval()
     try:
-        with torch.random.fork_rng(devices=[vae.device] if vae.device.type == "cuda" else []), \
+        with torch.random.fork_rng(devices=[device_of(vae)] if device_of(vae).type == "cuda" else []), \
                 pyro.validation_enabled(False):
             cap = budget * _TENSOR_SHARE / 4
             if single_particle:  # no particle dimension: rows are datapoints
@@ -291,7 +310,7 @@ def memory_plan(vae, x_all: torch.Tensor, labels: torch.Tensor | None, particles
     most = min(batch_size, x_all.shape[0])
     if particles * most <= _PROBE_ROWS:  # no larger than the largest probe: nothing to learn
         return MemoryPlan(batch=most, chunk=particles, per_row=math.nan, budget=budget)
-    free = available_memory(vae.device)
+    free = available_memory(device_of(vae))
     if free is not None:
         budget = min(budget, max(1, free // 2))
     ratios = _cost(vae, x_all, labels, particles == 1, budget)
@@ -308,46 +327,118 @@ def memory_plan(vae, x_all: torch.Tensor, labels: torch.Tensor | None, particles
     return MemoryPlan(batch=batch, chunk=chunk, per_row=per_row, budget=budget)
 
 
+def _site_means(weights, batch: int) -> dict[str, torch.Tensor]:
+    r"""Per continuous local latent site, the sum over this chunk's particles of the guide's
+    mean at the site (its value where the mean is unknown), ``[batch, units]``: summed over the
+    K particles and divided by K this is :math:`\mathbb{E}_q[z_s \mid x]` (for a site whose
+    guide depends on other latents, by the tower rule)."""
+    out = {}
+    for name, site in weights.sites.items():
+        value = site.value
+        if (not site.local or not torch.is_tensor(value)
+                or not value.dtype.is_floating_point):
+            continue
+        event = len(site.guide.event_shape)
+        batch_dims = value.dim() - event
+        if batch_dims == 1:  # one particle, drawn without a particle dimension
+            value = value.unsqueeze(0)
+        elif batch_dims != 2 or value.shape[1] != batch:
+            continue  # a site in a plate nested in "data": no single point per datapoint
+        try:
+            mean = site.guide.mean
+            mean = mean.unsqueeze(0) if mean.dim() == value.dim() - 1 else mean
+            mean = mean.expand_as(value)
+        except (NotImplementedError, RuntimeError):
+            mean = value
+        out[name] = mean.detach().reshape(mean.shape[0], batch, -1).sum(0)
+    return out
+
+
 def _posterior_mean(vae, x, y, guide, particle_mean: torch.Tensor) -> torch.Tensor:
-    """E_q[z|x]: closed form where the guide family has one, else the mean of the K particles.
-    ``guide`` is the distribution the particles were drawn from (batch shape ``[K, batch]``),
-    so the encoder does not run again; without it (a model with no site ``z``) q is rebuilt."""
+    """E_q[z|x] of site ``z``: closed form where the guide family has one (``guide``, the
+    distribution the particles were drawn from, batch shape ``[K, batch]``, so the encoder does
+    not run again), else the mean over the K particles."""
+    if guide is None:
+        return particle_mean
     try:
-        return vae.encode(x, y).mean if guide is None else guide.mean[0]
+        mean = guide.mean
     except NotImplementedError:
         return particle_mean
+    return mean[0] if mean.dim() == 3 else particle_mean
 
 
 @torch.no_grad()
 def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split: str = "test",
              labels: torch.Tensor | None = None, batch_size: int = 256, seed: int = 0,
-             progress: bool = False, memory_budget: int | None = None) -> Evaluation:
-    """Evaluate ``vae`` on ``data`` (a ``[N, D]`` tensor, or a :class:`Dataset` and a ``split``)
-    with K = ``particles`` importance samples per datapoint. A conditional VAE takes the split's
-    labels, or ``labels`` with a tensor. Seeded: the same seed, model and data give the same
-    numbers. The particles are processed in chunks whose transient memory stays within
-    ``memory_budget`` bytes (default :data:`MEMORY_BUDGET`, 256 MiB; see :func:`memory_plan`)."""
+             progress: bool = False, memory_budget: int | None = None,
+             proposal: str = "guide", refine_steps: int = 0,
+             refine_lr: float = 0.05) -> Evaluation:
+    r"""Evaluate ``vae`` (any latent-variable model, :mod:`pyro_vae.lvm`) on ``data`` (a
+    ``[N, D]`` tensor, or a :class:`Dataset` and a ``split``) with K = ``particles`` importance
+    samples per datapoint. A conditional model takes the split's labels, or ``labels`` with a
+    tensor. Seeded: the same seed, model and data give the same numbers. The particles are
+    processed in chunks whose transient memory stays within ``memory_budget`` bytes (default
+    :data:`MEMORY_BUDGET`, 256 MiB; see :func:`memory_plan`).
+
+    ``proposal="prior"`` draws the particles from the prior instead of the guide: the naive
+    Monte Carlo estimate :math:`\log \frac1K \sum_k p(x \mid z_k)`, :math:`z_k \sim p(z)`
+    (:func:`pyro_vae.gaps.naive_log_likelihood`), with its standard error and effective sample
+    size, which collapse as the latent dimension grows: why importance sampling with
+    :math:`q(z \mid x)` is needed.
+
+    ``refine_steps`` = S > 0 also optimizes a per-datapoint guide from the encoder's output for
+    S steps (``refine_lr``) and splits the inference gap into the approximation and the
+    amortization gap (Cremer et al. 2018; :func:`pyro_vae.gaps.amortization_gaps`); the summary
+    gains ``refined_elbo``, ``approximation_gap``, ``amortization_gap`` and ``inference_gap``.
+
+    When the model's :math:`\log p(x)` is known in closed form (:func:`pyro_vae.exact.
+    exact_reference`: a linear-Gaussian VAE, or a model with ``exact_log_likelihood``), the
+    summary also reports it (``exact_log_likelihood``), the true gap
+    :math:`\log p(x) - \mathrm{ELBO}` (``true_gap``) and, with an exact posterior, checks the
+    identity :math:`\log p(x) = \mathrm{ELBO} + \mathrm{KL}(q(z \mid x) \,\|\, p(z \mid x))`
+    on the same particles (``kl_to_posterior``, ``identity_residual``, ``identity_holds``)."""
     if not isinstance(particles, int) or particles < 1:
         raise ConfigError(f"particles must be a positive integer, not {particles!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, not {batch_size!r}")
+    if proposal not in ("guide", "prior"):
+        raise ConfigError(f"proposal must be 'guide' or 'prior', not {proposal!r}")
+    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
+        raise ConfigError(f"refine_steps must be a non-negative integer, not {refine_steps!r}")
+    if refine_steps and proposal == "prior":
+        raise ConfigError("refine_steps refines the guide; it does not apply to proposal='prior'")
+    lvm.check_protocol(vae, "evaluate")
+    if proposal == "prior":
+        evaluation = evaluate(_PriorProposal(vae), data, particles, split=split, labels=labels,
+                              batch_size=batch_size, seed=seed, progress=progress,
+                              memory_budget=memory_budget)
+        for key in ("active_units", "active_units_by_site"):
+            evaluation.summary.pop(key, None)
+        evaluation.summary["proposal"] = "prior"
+        return evaluation
+    conditional = lvm.is_conditional(vae)
     if isinstance(data, Dataset):
         x_all = data.rows(split)  # streamed batch by batch for memory-mapped data
-        labels = data.split_labels(split) if vae.conditional else None
+        labels = data.split_labels(split) if conditional else None
     else:
         x_all = data
-    if vae.conditional and labels is None:
-        raise ConfigError("a conditional VAE needs labels to be evaluated")
-    if x_all.ndim != 2 or x_all.shape[1] != vae.data_dim:
-        raise ConfigError(f"data of shape {list(x_all.shape)} do not fit a VAE of "
-                          f"data_dim {vae.data_dim}")
+        if labels is not None and not conditional:
+            raise ConfigError("labels were given, but the model is not conditional")
+    if conditional and labels is None:
+        raise ConfigError("a conditional model needs labels to be evaluated")
+    data_dim = getattr(vae, "data_dim", None)
+    if x_all.ndim != 2 or (data_dim is not None and x_all.shape[1] != data_dim):
+        raise ConfigError(f"data of shape {list(x_all.shape)} do not fit a model of "
+                          f"data_dim {data_dim}" if data_dim is not None else
+                          f"data must be [N, D], not of shape {list(x_all.shape)}")
     if x_all.shape[0] == 0:
         raise ConfigError("no datapoints to evaluate")
-    device = vae.device
+    device = device_of(vae)
     x_all = x_all.to(device)
     labels = None if labels is None else labels.to(device)
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                           ("elbo", "ll", "rec", "kl", "ess", "mcse", "mean")}
+                                           ("elbo", "ll", "rec", "kl", "ess", "mcse")}
+    site_means: dict[str, list[torch.Tensor]] = {}
     plan = memory_plan(vae, x_all, labels, particles, batch_size, memory_budget)
     batches = scored_batches(vae, x_all, labels, particles, batch_size, seed, plan=plan)
     for _, x, y, chunks in tqdm(batches, total=math.ceil(x_all.shape[0] / plan.batch),
@@ -356,7 +447,7 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
         lse_2w = lse_w.clone()
         sum_w = torch.zeros(x.shape[0], device=device)
         sum_rec = sum_w.clone()
-        mean_latents = sum_w.new_zeros(x.shape[0], vae.latent_dim)
+        means: dict[str, torch.Tensor] = {}
         guide = None
         for weights in chunks:
             log_w = weights.total()
@@ -365,8 +456,9 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
             # the ELBO's integrand: log w itself, or its average over enumerated guide values
             sum_w += (weights.expected_total() if weights.has_guide_enumeration else log_w).sum(0)
             sum_rec += weights.log_likelihood.sum(0)
-            if weights.latents is not None:
-                mean_latents += weights.latents.sum(0) / particles
+            for name, value in _site_means(weights, x.shape[0]).items():
+                means[name] = means.get(name, 0) + value / particles
+            if "z" in weights.sites and weights.latents is not None:
                 guide = weights.sites["z"].guide
             del weights, log_w  # not held while the next chunk is computed
         ess = torch.exp(2 * lse_w - lse_2w)
@@ -376,8 +468,85 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
         rows["ll"].append(lse_w - math.log(particles))
         rows["ess"].append(ess)
         rows["mcse"].append(((particles / ess - 1).clamp(min=0) / particles).sqrt())
-        rows["mean"].append(_posterior_mean(vae, x, y, guide, mean_latents))
+        if "z" in means:
+            means["z"] = _posterior_mean(vae, x, y, guide, means["z"])
+        for name, value in means.items():
+            site_means.setdefault(name, []).append(value)
     cat = {k: torch.cat(v).cpu() for k, v in rows.items()}
-    return Evaluation(elbo=cat["elbo"], log_likelihood=cat["ll"], reconstruction=cat["rec"],
-                      kl=cat["kl"], ess=cat["ess"], log_likelihood_mc_se=cat["mcse"],
-                      posterior_means=cat["mean"], particles=particles)
+    site_posterior_means = {name: torch.cat(v).cpu() for name, v in site_means.items()
+                            if len(v) == len(rows["elbo"])}
+    primary = "z" if "z" in site_posterior_means else next(iter(site_posterior_means), None)
+    posterior_means = (site_posterior_means[primary] if primary is not None
+                       else torch.zeros(cat["elbo"].shape[0], 0))
+    evaluation = Evaluation(elbo=cat["elbo"], log_likelihood=cat["ll"],
+                            reconstruction=cat["rec"], kl=cat["kl"], ess=cat["ess"],
+                            log_likelihood_mc_se=cat["mcse"], posterior_means=posterior_means,
+                            particles=particles, site_posterior_means=site_posterior_means)
+    if isinstance(vae, _PriorProposal):
+        return evaluation
+    _exact_terms(vae, evaluation, x_all, labels, particles, seed)
+    if refine_steps:
+        from .gaps import amortization_gaps
+
+        gaps = amortization_gaps(vae, x_all, labels, particles=particles, steps=refine_steps,
+                                 lr=refine_lr, seed=seed, batch_size=batch_size,
+                                 progress=progress, memory_budget=memory_budget)
+        evaluation.gaps = gaps
+        for name in ("refined_elbo", "approximation_gap", "amortization_gap", "inference_gap"):
+            evaluation.summary[name] = gaps.summary[name]
+            evaluation.summary[f"{name}_se"] = gaps.summary[f"{name}_se"]
+        evaluation.summary["refine_steps"] = refine_steps
+    return evaluation
+
+
+#: The identity log p(x) = ELBO + KL(q ‖ p(z|x)) holds on the same particles up to float
+#: rounding: a residual above this share of |log p(x)| (plus this much) means a model whose exact
+#: posterior or log-density is inconsistent.
+IDENTITY_TOLERANCE = 1e-4
+
+
+def _exact_terms(vae, evaluation: "Evaluation", x, y, particles: int, seed: int) -> None:
+    """The closed-form log p(x), the true gap and the ELBO + KL identity, where known."""
+    from . import exact
+
+    reference = exact.exact_reference(vae)
+    if reference is None:
+        return
+    with torch.no_grad():
+        log_px = reference.log_likelihood(x, y).detach().double().cpu()
+    evaluation.exact_log_likelihood = log_px
+    gap = log_px - evaluation.elbo.double()
+    n = gap.shape[0]
+    summary = evaluation.summary
+    summary["exact_log_likelihood"] = float(log_px.mean())
+    summary["true_gap"] = float(gap.mean())
+    summary["true_gap_se"] = float(gap.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
+    if reference.posterior is None or particles < 2:
+        return
+    try:
+        identity = exact.gap_identity(vae, x, particles=particles, seed=seed, y=y)
+    except ConfigError as exc:  # several latent sites, enumeration: no single posterior
+        summary["identity_note"] = str(exc)
+        return
+    scale = float(log_px.abs().max())
+    summary["kl_to_posterior"] = float(identity.kl.mean())
+    summary["identity_residual"] = float(identity.residual.max())
+    summary["identity_holds"] = bool(
+        summary["identity_residual"] <= IDENTITY_TOLERANCE * (1.0 + scale))
+
+
+class _PriorProposal(torch.nn.Module):
+    """A model's ``model`` with the prior as the proposal (:func:`pyro_vae.gaps.prior_guide`),
+    for ``evaluate(..., proposal="prior")``."""
+
+    def __init__(self, model: torch.nn.Module):
+        from .gaps import prior_guide
+
+        super().__init__()
+        self.inner = model
+        model_fn = lvm.programs(model)[0]
+        self.model = model_fn
+        self.guide = prior_guide(model_fn)
+        for name in ("data_dim", "conditional", "num_classes"):
+            if lvm.has(model, name):
+                setattr(self, name, getattr(model, name))

@@ -543,7 +543,7 @@ def _vae_log_weights(vae, particles: int, stop_guide_gradient: bool, x: torch.Te
     encoded = vae.encoder_output(x, y)
     guide = vae.guide_family.distribution(encoded)
     z = guide.rsample((particles,))
-    prior = vae.prior.distribution()
+    prior = vae.prior_distribution(y, batch)
     log_likelihood = vae.decode(z, y).log_prob(x)
 
     def log_guide() -> torch.Tensor:

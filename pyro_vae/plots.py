@@ -100,14 +100,19 @@ def reconstruction_grid(vae, x: torch.Tensor, n: int = 32,
     """The image of :func:`save_reconstructions` (originals above their reconstructions) as a
     ``[3, H, W]`` tensor in [0, 1]."""
     x = x[:n]
-    recon = vae.reconstruct(x, None if labels is None else labels[:n])
+    recon = vae.reconstruct(x) if labels is None else vae.reconstruct(x, labels[:n])
     rows = []
     for start in range(0, x.shape[0], 8):
         rows.extend([x[start:start + 8], recon[start:start + 8]])
-    return image_grid(torch.cat(rows), vae.data_shape, nrow=8)
+    return image_grid(torch.cat(rows), _data_shape(vae), nrow=8)
 
 
 def sample_grid(vae, n: int = 64) -> torch.Tensor:
     """The image of :func:`save_samples` (decoder means of ``n`` prior draws) as a
     ``[3, H, W]`` tensor in [0, 1]."""
-    return image_grid(vae.sample(n), vae.data_shape, nrow=max(1, int(n ** 0.5)))
+    return image_grid(vae.sample(n), _data_shape(vae), nrow=max(1, int(n ** 0.5)))
+
+
+def _data_shape(vae) -> tuple[int, ...]:
+    shape = getattr(vae, "data_shape", None)
+    return tuple(shape) if shape is not None else (int(vae.data_dim),)

@@ -42,24 +42,34 @@ def describe(component) -> dict[str, Any]:
 def register(kind: str, name: str):
     """Class decorator: make a user-written component available by ``name``.
 
-    ``kind`` is ``"prior"``, ``"likelihood"`` or ``"guide"``. A registered component can be
-    chosen by name in Python (``VAE(prior="my-prior")``; the command line knows the built-in
-    names only) and runs that use it can be restored with ``load_run`` once the defining module
-    is imported::
+    ``kind`` is ``"prior"``, ``"likelihood"``, ``"guide"`` or ``"model"``. A registered
+    component can be chosen by name in Python (``VAE(prior="my-prior")``) and on the command
+    line once its module is imported (``pyro-vae train --import my_plugin --prior my-prior``,
+    or an entry point of the group ``pyro_vae.plugins``; see :mod:`pyro_vae.plugins`); a run
+    that uses it records the module, and ``load_run``, ``evaluate`` and ``resume`` import it
+    again::
 
         @pyro_vae.register("prior", "my-laplace")
         class MyLaplace(torch.nn.Module):
             def setup(self, latent_dim): ...
             def distribution(self): ...
+
+    A ``"model"`` is a whole latent-variable model (:mod:`pyro_vae.lvm`), built for
+    ``pyro-vae train --model NAME`` as ``cls.from_options(dataset, options)`` when the class
+    has that classmethod, else as ``cls(dataset.data_shape, **model_options)`` (the
+    ``--model-option KEY=VALUE`` flags).
     """
     from .guides import posteriors
     from .models import likelihoods, priors
+
+    if kind == "model":
+        return _register_model(name)
 
     catalogues = {"prior": (priors.PRIORS, priors.PROTOCOL),
                   "likelihood": (likelihoods.LIKELIHOODS, likelihoods.PROTOCOL),
                   "guide": (posteriors.POSTERIORS, posteriors.PROTOCOL)}
     if kind not in catalogues:
-        raise ConfigError(f"unknown component kind {kind!r}; use prior, likelihood or guide")
+        raise ConfigError(f"unknown component kind {kind!r}; use prior, likelihood, guide or model")
     catalogue, protocol = catalogues[kind]
 
     def decorate(cls):
@@ -75,15 +85,41 @@ def register(kind: str, name: str):
     return decorate
 
 
+def _register_model(name: str):
+    from . import lvm
+
+    def decorate(cls):
+        lvm.check_protocol_class(cls)
+        existing = lvm.MODELS.get(name)
+        if existing is not None and getattr(existing, "model_class", None) is not cls:
+            raise ConfigError(f"a model named {name!r} is already registered")
+        cls.name = name
+        lvm.MODELS[name] = lvm.registered_model(name, cls)
+        return cls
+
+    return decorate
+
+
 def unregister(kind: str, name: str) -> None:
     """Remove a user-registered component (the built-in catalogue cannot be changed)."""
     from .guides import posteriors
     from .models import likelihoods, priors
 
+    if kind == "model":
+        from . import lvm
+
+        builder = lvm.MODELS.get(name)
+        if builder is None:
+            raise ConfigError(f"no model named {name!r} is registered")
+        if not hasattr(builder, "model_class"):
+            raise ConfigError(f"model {name!r} is built in and cannot be unregistered")
+        del lvm.MODELS[name]
+        return
+
     catalogues = {"prior": priors.PRIORS, "likelihood": likelihoods.LIKELIHOODS,
                   "guide": posteriors.POSTERIORS}
     if kind not in catalogues:
-        raise ConfigError(f"unknown component kind {kind!r}; use prior, likelihood or guide")
+        raise ConfigError(f"unknown component kind {kind!r}; use prior, likelihood, guide or model")
     cls = catalogues[kind].get(name)
     if cls is None:
         raise ConfigError(f"no {kind} named {name!r} is registered")

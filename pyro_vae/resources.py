@@ -259,11 +259,12 @@ class _OnMeta(TorchFunctionMode):
 
 def _meta_vae(config: dict):
     """The VAE of ``config`` built on the meta device (nothing allocated), or ``None`` when a
-    component cannot be built there."""
+    component cannot be built there; component objects and a user's network modules are copied
+    there first."""
     from . import vae as vae_module
 
     config = dict(config)
-    for key in ("prior", "likelihood", "guide"):
+    for key in ("prior", "likelihood", "guide", "encoder", "decoder"):
         if key in config:
             config[key] = _meta_copy(config[key])
     token = vae_module._SIZING.set(True)
@@ -286,7 +287,8 @@ def _validation_off():
 
 def _meta_networks(config: dict):
     """The encoder and decoder alone, on the meta device (the fallback when a component cannot
-    be built there; the networks hold nearly all the parameters of any VAE)."""
+    be built there; the networks hold nearly all the parameters of any VAE); a user's network
+    module is counted as it is."""
     from .guides import posteriors
     from .models import likelihoods
     from .networks import make_network
@@ -304,13 +306,16 @@ def _meta_networks(config: dict):
                              config.get("likelihood_options"), likelihoods.PROTOCOL)
         guide = resolve("guide", posteriors.POSTERIORS, _meta_copy(config.get("guide", "normal")),
                         config.get("guide_options"), posteriors.PROTOCOL)
+        networks = []
         with torch.random.fork_rng(devices=[]), _OnMeta():
-            return [make_network(config.get("decoder", "mlp"), latent_dim,
-                                 likelihood.decoder_outputs(data_dim), hidden, role="decoder",
-                                 image_shape=image_shape, context_features=context),
-                    make_network(config.get("encoder", "mlp"), data_dim,
-                                 guide.encoder_outputs(latent_dim), hidden, role="encoder",
-                                 image_shape=image_shape, context_features=context)]
+            for role, inputs, outputs in (
+                    ("decoder", latent_dim, likelihood.decoder_outputs(data_dim)),
+                    ("encoder", data_dim, guide.encoder_outputs(latent_dim))):
+                kind = config.get(role, "mlp")
+                networks.append(kind if isinstance(kind, torch.nn.Module) else make_network(
+                    kind, inputs, outputs, hidden, role=role, image_shape=image_shape,
+                    context_features=context))
+        return networks
     except Exception:  # noqa: BLE001 - the real build reports what is wrong with the config
         return None
 

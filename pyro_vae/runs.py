@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .lvm import device_of
 from .errors import PyroVAEError
 
 CONFIG_FILE = "config.json"
@@ -462,8 +463,8 @@ class Run:
         from .data import load_data, load_recorded
 
         if data is not None and not verify:
-            return load_data(data, device=self.vae.device)
-        return load_recorded(self.config.get("data", {}), data, device=self.vae.device)
+            return load_data(data, device=device_of(self.vae))
+        return load_recorded(self.config.get("data", {}), data, device=device_of(self.vae))
 
 
 def _invalid(config_path: Path, why: str) -> RunError:
@@ -482,9 +483,14 @@ _MODEL_KEYS = {
     "latent_dim": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "hidden": (lambda v: _positive_ints(v, empty=True), "a list of positive integers"),
     "conditional": (lambda v: isinstance(v, bool), "true or false"),
+    "conditional_prior": (lambda v: isinstance(v, bool), "true or false"),
     "num_classes": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null"),
     **{key: (lambda v: isinstance(v, str), "a string")
-       for key in ("prior", "likelihood", "guide", "encoder", "decoder", "activation")},
+       for key in ("prior", "likelihood", "guide", "activation", "class")},
+    **{key: (lambda v: isinstance(v, (str, dict)), "a network name or a table")
+       for key in ("encoder", "decoder")},
+    "options": (lambda v: isinstance(v, dict), "a table of options"),
+    "rebuildable": (lambda v: isinstance(v, bool), "true or false"),
     **{key: (lambda v: v is None or isinstance(v, dict), "a table of options")
        for key in ("prior_options", "likelihood_options", "guide_options")},
 }
@@ -510,7 +516,7 @@ def _check_config(config_path: Path, config: Any) -> None:
         if not isinstance(config[name], dict):
             raise _invalid(config_path, f"its {name!r} section is not a table of options")
     model = config["model"]
-    for key in ("data_shape", "latent_dim"):
+    for key in (() if "class" in model else ("data_shape", "latent_dim")):
         if key not in model:
             raise _invalid(config_path, f"its 'model' section has no {key!r}")
     for section, keys in (("model", _MODEL_KEYS), ("data", _DATA_KEYS)):
@@ -533,14 +539,21 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", *,
+             model: torch.nn.Module | None = None) -> Run:
     """Restore a run directory written by :func:`pyro_vae.fit` / ``pyro-vae train``.
+
+    The plug-ins the run recorded (:mod:`pyro_vae.plugins`) are imported first, then the model
+    is rebuilt from ``config.json`` (:func:`pyro_vae.lvm.rebuild`) and its weights loaded. A
+    model that cannot be rebuilt from its config (a class defined in a script or notebook, or
+    one without ``config``) is passed as ``model``: a fresh instance of the same architecture,
+    into which the weights are loaded.
 
     Temporary files left by a process killed mid-write are removed first
     (:func:`clean_temporary_files`). A damaged or hand-edited ``config.json``, weights that do
     not fit it, or a damaged ``metrics.jsonl`` are a :class:`RunError` that names the file."""
+    from . import lvm, plugins
     from .checkpoints import describe_mismatch
-    from .vae import VAE
 
     path = Path(run_dir).expanduser()
     if not path.is_dir():
@@ -560,12 +573,25 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
         raise _invalid(config_path, f"not valid JSON: {exc}") from None
     _check_config(config_path, config)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            vae = VAE.from_config(config["model"])
-    except (TypeError, ValueError, RuntimeError, LookupError, AttributeError,
-            OverflowError) as exc:  # PyroVAEError is a ValueError
-        raise _invalid(config_path, f"cannot rebuild the model: {_first_line(exc)}") from None
+        plugins.import_recorded(config.get("plugins"), str(config_path))
+    except PyroVAEError as exc:
+        raise RunError(str(exc)) from None
+    if model is not None:
+        lvm.check_protocol(model, "load_run")
+        vae = model
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                vae = lvm.rebuild(config["model"])
+        except PyroVAEError as exc:
+            if "class" not in config["model"] and "cannot be rebuilt" not in str(exc):
+                raise _invalid(config_path, f"cannot rebuild the model: {_first_line(exc)}") \
+                    from None
+            raise RunError(f"{path}: {_first_line(exc)}") from None
+        except (TypeError, ValueError, RuntimeError, LookupError, AttributeError,
+                OverflowError) as exc:  # PyroVAEError is a ValueError
+            raise _invalid(config_path, f"cannot rebuild the model: {_first_line(exc)}") from None
     state = _safe_load(weights_path)
     if not isinstance(state, dict):
         raise RunError(f"{weights_path} does not hold a state_dict")

@@ -45,6 +45,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .lvm import device_of
 from .callbacks import Callback
 from .errors import ConfigError
 
@@ -96,7 +97,7 @@ def isolated_inference(vae, seed: int = IMAGE_SEED) -> Iterator[None]:
     """Run inference without touching training: a forked random-number state (CPU, and the
     VAE's CUDA device) seeded with ``seed``, Python's and NumPy's global states restored, no
     gradients, eval mode (every module's own mode restored afterwards)."""
-    device = vae.device
+    device = device_of(vae)
     devices = [device] if device.type == "cuda" else []
     modes = [(module, module.training) for module in vae.modules()]
     try:
@@ -121,15 +122,20 @@ def tracked_images(trainer, seed: int = IMAGE_SEED) -> dict[str, torch.Tensor]:
     from .training import labels_for
 
     vae, dataset = trainer.vae, trainer.dataset
+    from . import lvm
+
     images = {}
+    if not (lvm.has(vae, "data_shape") or lvm.has(vae, "data_dim")):
+        return images
     with isolated_inference(vae, seed):
         val = dataset.rows("val")
-        if len(val):
-            x = val[:32].to(vae.device)
+        if len(val) and lvm.has(vae, "reconstruct"):
+            x = val[:32].to(device_of(vae))
             labels = labels_for(vae, dataset, "val")
-            labels = None if labels is None else labels[:32].to(vae.device)
+            labels = None if labels is None else labels[:32].to(device_of(vae))
             images["reconstructions"] = plots.reconstruction_grid(vae, x, labels=labels)
-        images["samples"] = plots.sample_grid(vae)
+        if lvm.has(vae, "sample"):
+            images["samples"] = plots.sample_grid(vae)
     return images
 
 

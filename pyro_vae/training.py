@@ -33,7 +33,8 @@ from typing import Any, Sequence
 import pyro
 import torch
 
-from . import distributed, runs
+from .lvm import device_of
+from . import distributed, lvm, plugins, runs
 from . import config as schema
 from .callbacks import Callback, default_callbacks
 from .checkpoints import LoopState, checkpoint_processes, load_state, state_dict
@@ -279,13 +280,16 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor,
     if context.distributed and not context.is_main:
         out = None  # rank 0 alone writes the run directory
     full_config = {
-        "model": vae.config,
+        "model": lvm.model_config(vae),
         "training": asdict(config),
         "data": {**dataset.source, "name": dataset.name, "data_shape": list(dataset.data_shape),
                  "num_train": len(dataset.train), "num_val": len(dataset.val),
                  "num_test": len(dataset.test)},
         **(extra_config or {}),
     }
+    needed = plugins.plugins_of(vae)
+    if needed:
+        full_config["plugins"] = needed
     existed = out is not None and Path(out).expanduser().exists()
     run_dir = runs.prepare_run_dir(out) if out is not None else None
     if run_dir is not None:
@@ -342,15 +346,16 @@ def check_only(vae, data: Dataset | str | Path | torch.Tensor,
 
 def resume(run_dir: str | Path, epochs: int | None = None, device: str = "auto",
            progress: bool = True, callbacks: Sequence[Callback] = (),
-           data: str | Path | None = None) -> FitResult:
+           data: str | Path | None = None, *, model: Any = None) -> FitResult:
     """Continue the run in ``run_dir`` from its ``checkpoint.pt`` (up to ``epochs`` in all,
     default: the run's own). On the same device with the same software the result is exactly
     that of an uninterrupted run: model, optimizer, random-number and epoch-position state are
     all restored. A run trained under torchrun resumes exactly under torchrun with as many
     processes (each rank takes back its own random-number stream), or in one process. The
     data are the run's own, checked against the size and SHA-256 it recorded; ``data`` finds
-    them elsewhere when the run or the file has moved."""
-    run = runs.load_run(run_dir)
+    them elsewhere when the run or the file has moved. ``model`` is a fresh instance of the
+    run's model, for one that its config cannot rebuild (see :func:`pyro_vae.load_run`)."""
+    run = runs.load_run(run_dir, model=model)
     # another process training or resuming this run is refused before anything is written
     with runs.lock_run(run.path) if _is_main_process() else nullcontext():
         runs.clean_temporary_files(run.path)
@@ -420,7 +425,7 @@ def _nonfinite_term(vae, x, y, num_data: int) -> str:
     if any(not bool(torch.isfinite(p).all()) for p in vae.parameters()):
         return "the parameters became non-finite (the optimizer step diverged)"
     with torch.no_grad():
-        weights = log_weights(vae.model, vae.guide, x, y, num_data=num_data)
+        weights = log_weights(*lvm.programs(vae), x, y, num_data=num_data)
     for name, term in (("log p(x|z)", weights.log_likelihood), ("log p(z)", weights.log_prior),
                        ("log q(z|x)", weights.log_guide)):
         if not bool(torch.isfinite(term).all()):
@@ -458,12 +463,17 @@ def _validation_elbo(vae, dataset: Dataset, particles: int, epoch: int,
 
 
 def write_figures(vae, dataset: Dataset, history: list[dict], run_dir: Path) -> None:
-    """``reconstructions.png`` (validation data), ``samples.png`` and ``loss.png``."""
+    """``reconstructions.png`` (validation data) and ``samples.png`` where the model can
+    reconstruct and sample (:mod:`pyro_vae.lvm`), and ``loss.png``."""
     from . import plots
 
-    with torch.random.fork_rng(devices=[vae.device] if vae.device.type == "cuda" else []):
+    device = device_of(vae)
+    image = lvm.has(vae, "data_shape") or lvm.has(vae, "data_dim")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
-        plots.save_reconstructions(vae, dataset.val, run_dir / "reconstructions.png",
-                                   labels=labels_for(vae, dataset, "val"))
-        plots.save_samples(vae, run_dir / "samples.png")
+        if image and lvm.has(vae, "reconstruct"):
+            plots.save_reconstructions(vae, dataset.val, run_dir / "reconstructions.png",
+                                       labels=labels_for(vae, dataset, "val"))
+        if image and lvm.has(vae, "sample"):
+            plots.save_samples(vae, run_dir / "samples.png")
     plots.save_loss(history, run_dir / "loss.png")

@@ -388,7 +388,7 @@ CASES = [
      "unknown option", ()),
     ("train-config-invalid-toml", config_file("epochs = = 1\n[unclosed\n"), "not valid TOML", ()),
     ("train-config-latent-dim-0", config_file(FAST_TOML.replace("latent_dim = 2", "latent_dim = 0")),
-     "option 'latent_dim' expects a positive integer, got 0", ()),
+     "option 'latent_dim' expects a positive integer, or one per stochastic layer", ()),
     ("train-config-epochs-0", config_file(FAST_TOML.replace("epochs = 1", "epochs = 0")),
      "epochs", ()),
     ("train-config-unknown-prior", config_file(FAST_TOML + "prior = 'bogus'\n"),

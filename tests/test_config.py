@@ -23,6 +23,8 @@ NON_DEFAULT_TOML = {
     "anneal_steps": "11", "free_bits": "0.125", "epochs": "13", "batch_size": "17",
     "lr": "0.0025", "seed": "19", "device": '"cpu"', "log_every": "23", "val_particles": "2",
     "out": '"runs/x"', "eval_particles": "29", "tensorboard": '"tb"',
+    "model": '"mixture"', "labels_per_class": "10", "conditional_prior": "true",
+    "semi_supervised": "true",
 }
 #: the same values as flag text
 FLAG_TEXT = {name: text.strip('"').strip("[]").replace(" ", "")
@@ -35,6 +37,7 @@ WRONG_TYPES = {
     config.BOOLEAN: ['"false"', "1", "0"], config.STRING: ["3", "true", "[1]"],
     config.HIDDEN: ["[1.9]", "[true]", "16", "[]", "[0]", '"a,b"'],
     config.SCALE: ["true", '"wide"', "0", "-1"],
+    config.LATENT_DIMS: ["1.9", "[true]", "0", "[]", "[0, 2]", '"a,b"', "true"],
 }
 
 
@@ -48,7 +51,7 @@ def test_the_train_flags_are_the_schema():
     flags = {action.dest for action in train._actions}
     assert {option.name for option in config.OPTIONS} <= flags
     own = {"help", "config", "resume", "quiet", "threads", "dry_run",
-           "prior_option", "likelihood_option", "guide_option"}
+           "prior_option", "likelihood_option", "guide_option", "model_option", "imports"}
     assert flags - {option.name for option in config.OPTIONS} == own
 
 
