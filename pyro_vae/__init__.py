@@ -10,7 +10,9 @@
 from .data import Dataset, load_data
 from .errors import PyroVAEError
 from .evaluation import Evaluation, evaluate
+from . import lvm
 from .log_weights import LogWeights, log_weights
+from .lvm import LatentVariableModel, program
 from .objectives import OBJECTIVES, make_objective
 from .registry import register, unregister
 from .runs import Run, load_run
@@ -21,5 +23,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "VAE", "fit", "resume", "evaluate", "load_run", "load_data", "log_weights", "make_objective",
+    "program", "LatentVariableModel", "lvm",
     "register", "unregister", "Dataset", "Evaluation", "FitResult", "LogWeights", "Run", "PyroVAEError", "OBJECTIVES",
 ]

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from . import lvm
 from .lvm import device_of
 from .data import Dataset, check_finite
 from .errors import ConfigError
@@ -165,6 +166,7 @@ def interpolate(vae, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10, y=No
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ConfigError(f"steps must be an integer ≥ 2, not {steps!r}")
+    _needs(vae, "interpolate", "posterior_mean", "decode")
     x = torch.cat([_single(vae, x_a, "x_a"), _single(vae, x_b, "x_b")])
     y_ab = _endpoint_labels(vae, y)
     with _inference(vae):
@@ -212,20 +214,21 @@ def traverse(vae, x: torch.Tensor | None = None, dims: Sequence[int] | None = No
     The figure is a grid, one row per dimension and one column per value, for image data, and
     one heat map per dimension (values × data dimensions) otherwise.
     """
-    dims = list(range(vae.latent_dim)) if dims is None else _dims(vae, dims)
+    _needs(vae, "traverse", "posterior_mean", "decode")
+    dims = list(range(_latent_dim(vae))) if dims is None else _dims(vae, dims)
     values = torch.as_tensor(values, dtype=torch.get_default_dtype()).detach().cpu().clone()
     if values.ndim != 1 or values.numel() == 0 or not bool(torch.isfinite(values).all()):
         raise ConfigError("values must be a non-empty 1-D sequence of finite numbers")
     label = _one_label(vae, y)
     with _inference(vae):
         if x is None:
-            base = torch.zeros(vae.latent_dim)
+            base = torch.zeros(_latent_dim(vae))
         else:
             base = vae.posterior_mean(_single(vae, x, "x").to(device_of(vae)), _on(vae, label)).cpu()[0]
         latents = base.repeat(len(dims), len(values), 1)
         for row, d in enumerate(dims):
             latents[row, :, d] = values
-        flat = latents.reshape(-1, vae.latent_dim)
+        flat = latents.reshape(-1, _latent_dim(vae))
         labels = None if label is None else label.expand(flat.shape[0])
         images = _decode_mean(vae, flat, labels).reshape(len(dims), len(values), -1)
     where = "the posterior mean of x" if x is not None else "z = 0"
@@ -306,6 +309,7 @@ def representation_probe(vae, dataset: Dataset, max_iter: int = 2000) -> Probe:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    _needs(vae, "representation_probe", "posterior_mean")
     if not isinstance(dataset, Dataset):
         raise ConfigError("representation_probe needs a labelled Dataset (train and test splits)")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -348,14 +352,16 @@ def latent_scatter(vae, dataset: Dataset | torch.Tensor, split: str = "test", *,
     latent_dim 1: :math:`z` against the datapoint's index. ``dataset`` may also be a
     ``[N, data_dim]`` tensor, with ``labels`` to colour by (and to feed a conditional VAE).
     """
+    _needs(vae, "latent_scatter", "posterior_mean")
     x, shown_labels, y = _data(vae, dataset, split, labels)
     means = _posterior_means(vae, x, y)
+    latent_dim = means.shape[1]
     explained = None
-    if vae.latent_dim == 1:
+    if latent_dim == 1:
         method = "index"
         coordinates = torch.stack([torch.arange(len(means), dtype=means.dtype), means[:, 0]], 1)
         axis_labels = ("datapoint index", "z0 (posterior mean)")
-    elif vae.latent_dim == 2:
+    elif latent_dim == 2:
         method = "latent"
         coordinates = means
         axis_labels = ("z0 (posterior mean)", "z1 (posterior mean)")
@@ -385,7 +391,7 @@ def latent_scatter(vae, dataset: Dataset | torch.Tensor, split: str = "test", *,
                   loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
-    projection = {"pca": f"PCA of the {vae.latent_dim}-d", "latent": "the",
+    projection = {"pca": f"PCA of the {latent_dim}-d", "latent": "the",
                   "index": "the 1-d"}[method]
     ax.set_title(f"{projection} encoder means, {len(points)} datapoints", fontsize="medium")
     ax.grid(alpha=0.3)
@@ -403,13 +409,15 @@ def reconstructions(vae, x: torch.Tensor, y: torch.Tensor | None = None,
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"n must be a positive integer, not {n!r}")
+    _needs(vae, "reconstructions", "reconstruct")
     x = _batch(vae, x, "x")
     y = _labels(vae, y, len(x))  # one label is used for every datapoint
     if y is not None and len(y) != len(x):
         raise ConfigError(f"y holds {len(y)} labels for {len(x)} datapoints")
     x, y = x[:n], None if y is None else y[:n]
     with _inference(vae):
-        recon = vae.reconstruct(x.to(device_of(vae)), _on(vae, y)).cpu()
+        x_on = x.to(device_of(vae))
+        recon = (vae.reconstruct(x_on) if y is None else vae.reconstruct(x_on, _on(vae, y))).cpu()
     if _is_image(vae):
         ncols = min(16, len(x))
         rows = []
@@ -450,13 +458,32 @@ def _inference(vae):
         vae.train(was_training)
 
 
+def _shape(vae, x: torch.Tensor | None = None) -> tuple[int, ...]:
+    """The model's datapoint shape: ``data_shape``, else ``(data_dim,)``, else (a model that
+    declares neither, :mod:`pyro_vae.lvm`) the width of the data given."""
+    shape = getattr(vae, "data_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    dim = getattr(vae, "data_dim", None)
+    if dim is not None:
+        return (int(dim),)
+    if x is not None and x.ndim >= 1:
+        return (int(math.prod(x.shape[1:])) if x.ndim > 1 else int(x.shape[0]),)
+    raise ConfigError(f"{type(vae).__name__} declares neither data_shape nor data_dim")
+
+
+def _dim(vae, x: torch.Tensor | None = None) -> int:
+    return int(math.prod(_shape(vae, x)))
+
+
 def _is_image(vae) -> bool:
-    return len(vae.data_shape) == 3
+    return len(_shape(vae, torch.zeros(1, 1))) == 3
 
 
 def _shape_error(vae, x: torch.Tensor, name: str, what: str) -> ConfigError:
-    return ConfigError(f"{name} of shape {list(x.shape)} is not {what} of a VAE with "
-                       f"data_shape {list(vae.data_shape)} ({vae.data_dim} values per datapoint)")
+    shape = _shape(vae, x)
+    return ConfigError(f"{name} of shape {list(x.shape)} is not {what} of a model with "
+                       f"data_shape {list(shape)} ({math.prod(shape)} values per datapoint)")
 
 
 def _tensor(x, name: str) -> torch.Tensor:
@@ -472,10 +499,11 @@ def _tensor(x, name: str) -> torch.Tensor:
 def _single(vae, x, name: str) -> torch.Tensor:
     """One datapoint (``[D]``, ``[1, D]`` or ``data_shape``) as ``[1, D]``."""
     x = _tensor(x, name)
-    if tuple(x.shape) not in {(vae.data_dim,), (1, vae.data_dim), tuple(vae.data_shape),
-                              (1, *vae.data_shape)}:
+    shape = _shape(vae, x.reshape(1, -1))
+    dim = math.prod(shape)
+    if tuple(x.shape) not in {(dim,), (1, dim), shape, (1, *shape)}:
         raise _shape_error(vae, x, name, "one datapoint")
-    x = x.reshape(1, vae.data_dim)
+    x = x.reshape(1, dim)
     check_finite(x, name)
     return x
 
@@ -483,17 +511,28 @@ def _single(vae, x, name: str) -> torch.Tensor:
 def _batch(vae, x, name: str) -> torch.Tensor:
     """Datapoints (``[N, D]`` or ``[N, *data_shape]``) as ``[N, D]``."""
     x = _tensor(x, name)
-    if not (x.ndim >= 1 and x.shape[0] >= 1 and (tuple(x.shape[1:]) == tuple(vae.data_shape)
-                                                 or tuple(x.shape[1:]) == (vae.data_dim,))):
+    shape = _shape(vae, x if x.ndim >= 2 else None)
+    dim = math.prod(shape)
+    if not (x.ndim >= 1 and x.shape[0] >= 1 and (tuple(x.shape[1:]) == shape
+                                                 or tuple(x.shape[1:]) == (dim,))):
         raise _shape_error(vae, x, name, "a batch of datapoints")
-    x = x.reshape(x.shape[0], vae.data_dim)
+    x = x.reshape(x.shape[0], dim)
     check_finite(x, name)
     return x
 
 
 def _labels(vae, y, n: int | None) -> torch.Tensor | None:
-    """The VAE's checked labels (:meth:`~pyro_vae.VAE.labels`), on the CPU."""
-    y = vae.labels(y, n)
+    """The VAE's checked labels (:meth:`~pyro_vae.VAE.labels`), on the CPU; another
+    conditional model's as integers, an unconditional model's ``None``."""
+    if callable(getattr(vae, "labels", None)):
+        y = vae.labels(y, n)
+    elif not lvm.is_conditional(vae):
+        if y is not None:
+            raise ConfigError("labels were given to a model that is not conditional")
+        return None
+    elif y is not None:
+        y = torch.as_tensor(y).long()
+        y = y.expand(n) if y.ndim == 0 and n is not None else y
     return None if y is None else y.detach().cpu()
 
 
@@ -535,10 +574,10 @@ def _data(vae, data, split: str, labels) -> tuple[torch.Tensor, torch.Tensor | N
                 raise ConfigError(f"labels must be {len(x)} non-negative integers, one per "
                                   "datapoint")
             shown = shown.long()
-    if vae.conditional and shown is None:
+    if lvm.is_conditional(vae) and shown is None:
         raise ConfigError("a conditional VAE needs labels: use a labelled Dataset, or pass "
                           "labels with a tensor")
-    return x, shown, _labels(vae, shown, None) if vae.conditional else None
+    return x, shown, _labels(vae, shown, None) if lvm.is_conditional(vae) else None
 
 
 def _dims(vae, dims) -> list[int]:
@@ -546,14 +585,27 @@ def _dims(vae, dims) -> list[int]:
         dims = [int(d) for d in dims]
     except (TypeError, ValueError):
         raise ConfigError("dims must be a sequence of integers") from None
-    bad = [d for d in dims if not 0 <= d < vae.latent_dim]
+    latent_dim = _latent_dim(vae)
+    bad = [d for d in dims if not 0 <= d < latent_dim]
     if not dims or bad:
-        raise ConfigError(f"dims must be latent dimensions in 0..{vae.latent_dim - 1}"
+        raise ConfigError(f"dims must be latent dimensions in 0..{latent_dim - 1}"
                           + (f", not {bad}" if bad else " (none given)"))
     return dims
 
 
 # -- the model -------------------------------------------------------------------------------
+
+def _latent_dim(vae) -> int:
+    dim = getattr(vae, "latent_dim", None)
+    if isinstance(dim, int):
+        return dim
+    raise ConfigError(f"latent traversals need a single latent_dim; {type(vae).__name__} has "
+                      "no integer 'latent_dim'")
+
+
+def _needs(vae, tool: str, *capabilities: str) -> None:
+    for capability in capabilities:
+        lvm.require(vae, capability, tool)
 
 def _posterior_means(vae, x: torch.Tensor, y: torch.Tensor | None,
                      batch_size: int = 1024) -> torch.Tensor:
@@ -562,8 +614,9 @@ def _posterior_means(vae, x: torch.Tensor, y: torch.Tensor | None,
         parts = []
         for start in range(0, len(x), batch_size):
             chunk = slice(start, start + batch_size)
-            parts.append(vae.posterior_mean(x[chunk].to(device_of(vae)),
-                                            None if y is None else _on(vae, y[chunk])).cpu())
+            xb = x[chunk].to(device_of(vae))
+            parts.append((vae.posterior_mean(xb) if y is None else
+                          vae.posterior_mean(xb, _on(vae, y[chunk]))).cpu())
     return torch.cat(parts)
 
 
@@ -604,7 +657,7 @@ def _image_grid(vae, x: torch.Tensor, ncols: int, titles: Sequence[str] | None =
     """Datapoints ``[n, D]`` as a grid of images, ``ncols`` per row, one axes each, on one
     shared grey scale (RGB for 3 channels; channels side by side otherwise). Rows of NaN are
     left blank."""
-    images = as_images(x.detach().float().cpu(), vae.data_shape)  # [n, C, H, W]
+    images = as_images(x.detach().float().cpu(), _shape(vae, x))  # [n, C, H, W]
     lo, hi = _display_range(images)
     nrows = math.ceil(len(images) / ncols)
     figure = Figure(figsize=(_CELL * ncols + (0.8 if row_labels else 0.2),

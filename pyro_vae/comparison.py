@@ -26,6 +26,7 @@ import torch
 
 from .data import Dataset
 from .errors import ConfigError
+from . import lvm
 from .evaluation import evaluate
 
 #: :math:`|z|` at or above which a difference is reported as significant.
@@ -178,9 +179,10 @@ def compare_runs(vae_a, vae_b, data: Dataset | torch.Tensor, split: str = "test"
         raise ConfigError(f"names must be two non-empty strings, not {names!r}")
     if names[0] == names[1]:
         raise ConfigError(f"the two runs need different names, not {names[0]!r} twice")
-    if vae_a.data_dim != vae_b.data_dim:
-        raise ConfigError(f"cannot compare {names[0]} (data_dim {vae_a.data_dim}) with "
-                          f"{names[1]} (data_dim {vae_b.data_dim}): they model different data")
+    dims = [getattr(vae, "data_dim", None) for vae in (vae_a, vae_b)]
+    if None not in dims and dims[0] != dims[1]:
+        raise ConfigError(f"cannot compare {names[0]} (data_dim {dims[0]}) with "
+                          f"{names[1]} (data_dim {dims[1]}): they model different data")
     if isinstance(data, Dataset):
         split_name = split
     elif torch.is_tensor(data):
@@ -188,7 +190,7 @@ def compare_runs(vae_a, vae_b, data: Dataset | torch.Tensor, split: str = "test"
     else:
         raise ConfigError(f"data must be a Dataset or a [N, D] tensor, not {type(data).__name__}")
     evaluations = [evaluate(vae, data, particles, split=split,
-                            labels=labels if vae.conditional else None,
+                            labels=labels if lvm.is_conditional(vae) else None,
                             batch_size=batch_size, seed=seed, progress=progress)
                    for vae in (vae_a, vae_b)]
     n = evaluations[0].log_likelihood.shape[0]

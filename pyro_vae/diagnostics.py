@@ -496,8 +496,10 @@ def site_kl_per_dimension(model, x: torch.Tensor, y: torch.Tensor | None = None,
     K = ``particles`` draws of the site's parents: the site's term of the ELBO's KL, split by
     dimension. Closed form per draw where ``torch.distributions.kl_divergence`` knows the
     pair of per-dimension bases, else the Monte Carlo estimate
-    :math:`\log q(z_{s,d}) - \log p(z_{s,d})` at the draws; a site whose guide or prior does
-    not factorize over its dimensions gets ``values=None`` and a note."""
+    :math:`\log q(z_{s,d}) - \log p(z_{s,d})` at the draws, which is also used where the guide
+    draws a site before latents its prior depends on (:func:`_parents_drawn_first`); a site
+    whose guide or prior does not factorize over its dimensions gets ``values=None`` and a
+    note. The sites' totals add up to the ELBO's KL term."""
     _check_positive_int("particles", particles)
     totals: dict[str, torch.Tensor] = {}
     methods: dict[str, str] = {}
@@ -518,6 +520,8 @@ def site_kl_per_dimension(model, x: torch.Tensor, y: torch.Tensor | None = None,
                                    "dimensions; no KL per dimension")
                     continue
                 try:
+                    if not _parents_drawn_first(weights, name):
+                        raise NotImplementedError
                     kl = torch.distributions.kl_divergence(q, p)
                     methods.setdefault(name, "closed form")
                 except NotImplementedError:
@@ -537,6 +541,20 @@ def site_kl_per_dimension(model, x: torch.Tensor, y: torch.Tensor | None = None,
                 f"Monte Carlo estimate at the {particles} draws per datapoint"
             out[name] = KLPerDimension(values, methods[name], note)
     return out
+
+
+def _parents_drawn_first(weights, name: str) -> bool:
+    """Whether every latent the model draws before site ``name`` (its possible parents) is
+    drawn before it by the guide too: then, given the draws before it, the site is distributed
+    as its guide says, and the closed-form KL over the site, averaged over those draws, is the
+    site's term of the ELBO. Otherwise (a hierarchy whose guide runs bottom-up, x → z₁ → z₂,
+    while the model runs z₂ → z₁) the guide draws the site's prior's parents *from* the site,
+    and only the Monte Carlo term at the joint draws is right."""
+    model_order, guide_order = weights.site_order
+    if name not in model_order or name not in guide_order:
+        return not model_order  # the untraced VAE path: one site, no order recorded
+    before_in_guide = set(guide_order[:guide_order.index(name)])
+    return set(model_order[:model_order.index(name)]) <= before_in_guide
 
 
 @dataclass

@@ -186,7 +186,8 @@ class _DataPlateScale(Messenger):
     def _process_message(self, msg) -> None:
         stack = msg.get("cond_indep_stack") or ()
         for i, frame in enumerate(stack):
-            if frame.name == DATA_PLATE and frame.full_size is None and frame.size < self.num_data:
+            if (frame.name == DATA_PLATE and frame.full_size in (None, frame.size)
+                    and frame.size < self.num_data):
                 msg["cond_indep_stack"] = (stack[:i] + (frame._replace(full_size=self.num_data),)
                                            + stack[i + 1:])
                 msg["scale"] = msg["scale"] * (self.num_data / frame.size)

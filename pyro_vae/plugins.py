@@ -96,14 +96,14 @@ def _import_one(spec: str) -> str:
     return spec
 
 
-def import_plugins(specs: Iterable[str]) -> list[str]:
-    """Import each plug-in (a module name or a ``.py`` file) once, in order, and remember it
-    for the run directories of this process; returns what was imported (files as absolute
-    paths)."""
+def import_plugins(specs: Iterable[str], *, remember: bool = True) -> list[str]:
+    """Import each plug-in (a module name or a ``.py`` file) once, in order; with
+    ``remember`` the run directories this process writes record it. Returns what was imported
+    (files as absolute paths)."""
     done = []
     for spec in specs:
         name = _import_one(spec)
-        if name not in _IMPORTED:
+        if remember and name not in _IMPORTED:
             _IMPORTED.append(name)
         done.append(name)
     return done
@@ -163,6 +163,6 @@ def import_recorded(names: Any, where: str) -> None:
         raise ConfigError(f"{where}: 'plugins' should be a list of module names")
     for name in names:
         try:
-            import_plugins([name])
+            import_plugins([name], remember=False)  # a later run records only what it uses
         except ConfigError as exc:
             raise ConfigError(f"this run needs the plug-in {name!r} ({where}): {exc}") from None

@@ -111,3 +111,8 @@ class TwoLayerVAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x, y=None):
         return torch.sigmoid(self.p_x(self._normal(self.q_z1, x).mean))
+
+
+# the command line finds them by name once this module is imported (--import lvm_models.py)
+pyro_vae.register("model", "pyro-example")(ExampleVAE)
+pyro_vae.register("model", "two-layer")(TwoLayerVAE)
