@@ -500,8 +500,8 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
 
 
 #: The identity log p(x) = ELBO + KL(q ‖ p(z|x)) holds on the same particles up to float
-#: rounding: a residual above this share of |log p(x)| (plus this much) means a model whose exact
-#: posterior or log-density is inconsistent.
+#: rounding: a residual above this share of the magnitude of log p(x) (plus this much) means a
+#: model whose exact posterior or log-density is inconsistent.
 IDENTITY_TOLERANCE = 1e-4
 
 

@@ -20,23 +20,24 @@ functions.
 **Optional capabilities**, discovered by attribute; a tool that needs a missing one says so in
 one line (:func:`require`):
 
-=========================  ==================================================================
-``data_dim``               the dimension of one datapoint (data of another width are refused)
-``data_shape``             the shape of one datapoint (image grids in figures)
-``conditional``            ``True``: labels ``y`` (integers ``[batch]``) go to every call, and
-                           ``num_classes`` says how many
-``semi_supervised``        ``True``: training passes the labels with ``-1`` where a datapoint is
-                           unlabelled; evaluation passes ``y=None`` (every label latent)
-``config`` (property)      JSON-serializable keyword arguments that rebuild the model as
-                           ``type(model)(**config)``: a run directory then restores it
-``sample(n, y=None)``      ``[n, data_dim]`` decoder means of draws from the model
-``reconstruct(x, y=None)`` ``[batch, data_dim]`` reconstructions
-``posterior_mean(x, y)``   ``[batch, d]``: a point in latent space per datapoint (plots, probes)
-``classify(x)``            ``[batch, num_classes]`` class probabilities (semi-supervised models)
-``check_support(x)``       raises ``ValueError`` for data outside the likelihood's support
-``exact_log_likelihood``   ``(x, y=None) -> [batch]``: :math:`\log p(x)` in closed form
-``exact_posterior``        ``(x, y=None) ->`` the exact :math:`p(z \mid x)` (a distribution)
-=========================  ==================================================================
+- ``data_dim``: the dimension of one datapoint (data of another width are refused);
+- ``data_shape``: the shape of one datapoint (image grids in figures);
+- ``conditional``: ``True`` sends labels ``y`` (integers ``[batch]``) to every call, and
+  ``num_classes`` says how many;
+- ``semi_supervised``: ``True`` makes training pass the labels with ``-1`` where a datapoint is
+  unlabelled, and evaluation pass ``y=None`` (every label latent);
+- ``config`` (a property): JSON-serializable keyword arguments that rebuild the model as
+  ``type(model)(**config)``, so that a run directory restores it;
+- ``sample(n, y=None)``: ``[n, data_dim]`` decoder means of draws from the model;
+- ``reconstruct(x, y=None)``: ``[batch, data_dim]`` reconstructions;
+- ``posterior_mean(x, y=None)``: ``[batch, d]``, a point in latent space per datapoint (plots,
+  probes);
+- ``decode(z, y=None)``: the distribution of :math:`x` given a latent point (interpolations,
+  traversals);
+- ``classify(x)``: ``[batch, num_classes]`` class probabilities (semi-supervised models);
+- ``check_support(x)``: raises ``ValueError`` for data outside the likelihood's support;
+- ``exact_log_likelihood(x, y=None)``: ``[batch]``, :math:`\log p(x)` in closed form;
+- ``exact_posterior(x, y=None)``: the exact :math:`p(z \mid x)` (a distribution).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ CAPABILITIES = {
     "exact_log_likelihood": "an exact_log_likelihood(x) method",
     "exact_posterior": "an exact_posterior(x) method",
     "encoder": "an encoder network whose output parameterizes the guide",
+    "decode": "a decode(z) method (the distribution of x given a latent point)",
 }
 
 _program_ids = itertools.count()
