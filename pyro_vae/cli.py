@@ -267,11 +267,35 @@ def _final_evaluation(result, dataset, particles: int) -> None:
         path.unlink(missing_ok=True)
         return
     summary = evaluate(result.vae, dataset, particles=particles, split="test").summary
+    accuracy = _test_accuracy(result.vae, dataset)
+    if accuracy is not None:
+        summary["test_accuracy"] = accuracy
+        print(f"test accuracy of classify(x): {accuracy:.3f}")
     write_json(path, summary)
     print(f"test log-likelihood (K={summary['particles']}): {summary['log_likelihood']:.3f} "
           f"± {summary['log_likelihood_se']:.3f} nats per datapoint; "
           f"ELBO {summary['elbo']:.3f}; active units {summary['active_units']}"
           f"/{_latent_units(result.vae, summary)}")
+
+
+def _test_accuracy(model, dataset) -> float | None:
+    """The accuracy of a model's ``classify(x)`` on the labelled test split (M2), or None."""
+    import torch
+
+    from . import lvm
+
+    labels = dataset.split_labels("test")
+    if not lvm.has(model, "classify") or labels is None or len(labels) == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = dataset.split("test").to(device_of(model))
+            predicted = model.classify(x).argmax(-1).cpu()
+    finally:
+        model.train(was_training)
+    return float((predicted == labels.cpu()).double().mean())
 
 
 def _latent_units(model, summary: dict) -> Any:

@@ -652,7 +652,9 @@ class Diagnosis:
             f"diagnostics: {self.split} split, {self.num_datapoints} datapoints, "
             f"K = {self.particles} particles (seed {self.seed})",
             f"log-likelihood {ev['log_likelihood']:.3f} ± {ev['log_likelihood_se']:.3f}, "
-            f"ELBO {ev['elbo']:.3f}, KL {ev['kl']:.3f} nats per datapoint; "
+            f"ELBO {ev['elbo']:.3f}"
+            + (f", KL {ev['kl']:.3f}" if ev.get("kl") is not None else "")
+            + " nats per datapoint; "
             f"mean ESS {ev['mean_ess']:.1f}/{self.particles}",
             f"PSIS k̂ per datapoint: max {k['max']:.2f}, median {k['median']:.2f}; "
             f"{100 * k['above_good']:.1f} % > {PARETO_K_GOOD}, "

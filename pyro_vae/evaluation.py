@@ -118,6 +118,10 @@ class Evaluation:
     exact_log_likelihood: torch.Tensor | None = None
     #: the amortization-gap decomposition of ``evaluate(..., refine_steps=S)``
     gaps: object | None = None
+    #: ``False`` when a latent site's prior is summed out together with a site the model
+    #: enumerates (a mixture's p(z) = Σ_c p(c) p(z | c)): the ELBO and log-likelihood are
+    #: exact, but no term is log p(x | z) alone, so ``reconstruction`` and ``kl`` are NaN
+    terms_separable: bool = True
 
     def __post_init__(self):
         n = self.elbo.shape[0]
@@ -131,12 +135,16 @@ class Evaluation:
             "log_likelihood_se": se(self.log_likelihood),
             # Monte Carlo error of the mean log-likelihood (the particles' share of the error)
             "log_likelihood_mc_se": float(self.log_likelihood_mc_se.pow(2).sum().sqrt() / n),
-            "reconstruction": float(self.reconstruction.mean()),
-            "kl": float(self.kl.mean()),
+            "reconstruction": float(self.reconstruction.mean()) if self.terms_separable else None,
+            "kl": float(self.kl.mean()) if self.terms_separable else None,
             "active_units": active_units(self.posterior_means),
             "mean_ess": float(self.ess.mean()),
             "particles": self.particles, "num_datapoints": n,
         }
+        if not self.terms_separable:
+            self.summary["terms_note"] = (
+                "a latent site's prior is summed out with a site the model enumerates: "
+                "reconstruction and KL are not separate terms (the ELBO and log-likelihood are)")
         if len(self.site_posterior_means) > 1:  # a hierarchy: active units of every layer
             self.summary["active_units_by_site"] = {
                 name: active_units(means) for name, means in self.site_posterior_means.items()}
@@ -439,6 +447,7 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in
                                            ("elbo", "ll", "rec", "kl", "ess", "mcse")}
     site_means: dict[str, list[torch.Tensor]] = {}
+    separable = True
     plan = memory_plan(vae, x_all, labels, particles, batch_size, memory_budget)
     batches = scored_batches(vae, x_all, labels, particles, batch_size, seed, plan=plan)
     for _, x, y, chunks in tqdm(batches, total=math.ceil(x_all.shape[0] / plan.batch),
@@ -450,6 +459,7 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
         means: dict[str, torch.Tensor] = {}
         guide = None
         for weights in chunks:
+            separable = separable and not weights.enum_dependent_latents
             log_w = weights.total()
             lse_w = torch.logaddexp(lse_w, torch.logsumexp(log_w, 0))
             lse_2w = torch.logaddexp(lse_2w, torch.logsumexp(2 * log_w, 0))
@@ -478,10 +488,14 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
     primary = "z" if "z" in site_posterior_means else next(iter(site_posterior_means), None)
     posterior_means = (site_posterior_means[primary] if primary is not None
                        else torch.zeros(cat["elbo"].shape[0], 0))
+    if not separable:
+        cat["rec"] = torch.full_like(cat["rec"], math.nan)
+        cat["kl"] = torch.full_like(cat["kl"], math.nan)
     evaluation = Evaluation(elbo=cat["elbo"], log_likelihood=cat["ll"],
                             reconstruction=cat["rec"], kl=cat["kl"], ess=cat["ess"],
                             log_likelihood_mc_se=cat["mcse"], posterior_means=posterior_means,
-                            particles=particles, site_posterior_means=site_posterior_means)
+                            particles=particles, site_posterior_means=site_posterior_means,
+                            terms_separable=separable)
     if isinstance(vae, _PriorProposal):
         return evaluation
     _exact_terms(vae, evaluation, x_all, labels, particles, seed)

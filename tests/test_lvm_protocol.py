@@ -281,3 +281,32 @@ def test_readme_your_own_model_example_runs(capsys):
     printed = capsys.readouterr().out
     assert "site z1" in printed and "site z2" in printed
     assert math.isfinite(float(printed.splitlines()[0]))
+
+
+def test_a_mixture_summed_out_in_the_model_has_no_separate_kl(digits):
+    """With c summed out of log Σ_c p(c) p(z|c) p(x|z) no term is log p(x|z) alone: evaluate
+    reports the ELBO and the log-likelihood and leaves reconstruction and KL out, saying why."""
+    from pyro_vae.catalogue import MixtureVAE
+
+    summary = evaluate(MixtureVAE(digits.data_shape, latent_dim=2, clusters=3, hidden=(16,)),
+                       digits, particles=10).summary
+    assert summary["reconstruction"] is None and summary["kl"] is None
+    assert "not separate terms" in summary["terms_note"]
+    assert math.isfinite(summary["elbo"]) and summary["log_likelihood"] >= summary["elbo"] - 1.0
+
+
+def test_semi_supervised_training_on_the_command_line_reports_the_test_accuracy(tmp_path,
+                                                                                 capsys):
+    run = tmp_path / "m2"
+    outcome = invoke(["train", "--semi-supervised", "--labels-per-class", "5", "--epochs", "1",
+                      "--latent-dim", "2", "--hidden", "16", "--batch-size", "512", "--quiet",
+                      "--eval-particles", "5", "--out", str(run)], capsys)
+    assert outcome.code == 0, outcome.stderr
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert 0.0 <= evaluation["test_accuracy"] <= 1.0
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["labels_per_class"] == 5
+    assert config["model"]["class"] == "pyro_vae.catalogue:SemiSupervisedVAE"
+    run_back = load_run(run)
+    labels = run_back.data().split_labels("train")
+    assert int((labels >= 0).sum()) == 5 * 10  # the same hidden labels, from the record
