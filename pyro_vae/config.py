@@ -110,19 +110,25 @@ def _sizes(text: str) -> list[int]:
     return [int(p) for p in parts]
 
 
+def _positive_sizes(value: Any, expected: str) -> tuple[int, ...]:
+    """A non-empty list of positive integers, or its text ``"256,256"``; ``ValueError``
+    (``expected``) otherwise."""
+    if isinstance(value, str):
+        try:
+            value = _sizes(value)
+        except ValueError:
+            raise ValueError(expected) from None
+    if not (isinstance(value, (list, tuple)) and value
+            and all(_is_int(v) and v >= 1 for v in value)):
+        raise ValueError(expected)
+    return tuple(int(v) for v in value)
+
+
 def _hidden() -> Kind:
     expected = 'positive integers, as a list [256, 256] or a string "256,256"'
 
     def check(value: Any) -> tuple[int, ...]:
-        if isinstance(value, str):
-            try:
-                value = _sizes(value)
-            except ValueError:
-                raise ValueError(expected) from None
-        if not (isinstance(value, (list, tuple)) and value
-                and all(_is_int(v) and v >= 1 for v in value)):
-            raise ValueError(expected)
-        return tuple(int(v) for v in value)
+        return _positive_sizes(value, expected)
 
     return Kind(expected, check, check)
 
@@ -134,15 +140,8 @@ def _latent_dims() -> Kind:
     def check(value: Any) -> int | tuple[int, ...]:
         if _is_int(value) and value >= 1:
             return int(value)
-        if isinstance(value, str):
-            try:
-                value = _sizes(value)
-            except ValueError:
-                raise ValueError(expected) from None
-        if not (isinstance(value, (list, tuple)) and value
-                and all(_is_int(v) and v >= 1 for v in value)):
-            raise ValueError(expected)
-        return int(value[0]) if len(value) == 1 else tuple(int(v) for v in value)
+        sizes = _positive_sizes(value, expected)
+        return sizes[0] if len(sizes) == 1 else sizes
 
     return Kind(expected, check, check)
 

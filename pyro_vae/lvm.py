@@ -381,21 +381,23 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     return entry
 
 
-def _find_class(path: str) -> type:
+def find_class(path: str, what: str = "model class") -> type:
+    """The class a run recorded as ``module:QualifiedName`` (importing the module), or one
+    line; ``what`` names it in the messages."""
     module_name, _, qualname = path.partition(":")
     if not module_name or not qualname:
-        raise ConfigError(f"model class {path!r} is not of the form module:Class")
+        raise ConfigError(f"the {what} {path!r} is not of the form module:Class")
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r} for the model class {qualname}: "
+        raise ConfigError(f"cannot import {module_name!r} for the {what} {qualname}: "
                           f"{exc}; install it or pass --import") from None
     for part in qualname.split("."):
         target = getattr(target, part, None)
         if target is None:
-            raise ConfigError(f"module {module_name!r} has no model class {qualname!r}")
+            raise ConfigError(f"module {module_name!r} has no {what} {qualname!r}")
     if not isinstance(target, type):
-        raise ConfigError(f"{path} is not a class")
+        raise ConfigError(f"{path} is not a class (the {what})")
     return target
 
 
@@ -409,7 +411,7 @@ def rebuild(entry: dict[str, Any]) -> nn.Module:
         raise ConfigError(f"the model {entry['class']} has no config that rebuilds it (or is "
                           "defined in a script or notebook); load the run with "
                           "load_run(run_dir, model=...)")
-    cls = _find_class(entry["class"])
+    cls = find_class(entry["class"])
     options = entry.get("options") or {}
     if not isinstance(options, dict):
         raise ConfigError("the model's options are not a table")

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .lvm import class_path
+from .lvm import class_path, find_class
 
 #: The network kinds (``encoder=`` / ``decoder=`` of :class:`pyro_vae.VAE`).
 NETWORKS = ("mlp", "linear", "conv")
@@ -342,17 +342,8 @@ def rebuild_network(entry: Any, role: str = "encoder") -> nn.Module:
                           "run with load_run(run_dir, model=...)")
     if not isinstance(options, dict):
         raise ConfigError(f"the options of the {role} network {path} are not a table")
-    module_name, _, qualname = path.partition(":")
-    if not module_name or not qualname:
-        raise ConfigError(f"the {role} network class {path!r} is not of the form module:Class")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r} for the {role} network {qualname}: "
-                          f"{exc}") from None
-    for part in qualname.split("."):
-        target = getattr(target, part, None)
-    if not (isinstance(target, type) and issubclass(target, nn.Module)):
+    target = find_class(path, f"{role} network class")
+    if not issubclass(target, nn.Module):
         raise ConfigError(f"{path} is not an nn.Module class (the {role} network)")
     try:
         return target(**options)

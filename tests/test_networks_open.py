@@ -249,7 +249,7 @@ def test_a_network_defined_in_a_function_trains_but_cannot_be_rebuilt(digits, tm
 def test_a_recorded_network_that_cannot_be_found_is_one_line():
     config = VAE(64, 2, hidden=(8,)).config
     for entry, expected in (
-            ({"class": f"{__name__}:Missing", "options": {}}, "is not an nn.Module class"),
+            ({"class": f"{__name__}:Missing", "options": {}}, "has no decoder network class .Missing."),
             ({"class": "no_such_module_here:Net", "options": {}}, "cannot import"),
             ({"class": f"{__name__}:SmallNet", "options": {"width": 3}}, "bad options"),
             ({"options": {}}, "network name .* or a table with a 'class'")):
