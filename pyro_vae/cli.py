@@ -647,6 +647,13 @@ def _plugin_arguments(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import plugins
+
+    with plugins.command_scope():  # the runs of this command record this command's plug-ins
+        return _main(list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
     import signal
     import threading
     import warnings
@@ -654,7 +661,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import plugins
     from .training import TrainingInterrupted
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     command = next((item for item in argv if not item.startswith("-")), "pyro-vae")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

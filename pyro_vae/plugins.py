@@ -33,9 +33,10 @@ import importlib
 import importlib.util
 import sys
 import warnings
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .errors import ConfigError
 
@@ -107,6 +108,18 @@ def import_plugins(specs: Iterable[str], *, remember: bool = True) -> list[str]:
             _IMPORTED.append(name)
         done.append(name)
     return done
+
+
+@contextmanager
+def command_scope() -> Iterator[None]:
+    """The plug-ins imported inside are the ones the run directories written inside record
+    (one command of the command line, called in a process that may run several)."""
+    saved = list(_IMPORTED)
+    _IMPORTED.clear()
+    try:
+        yield
+    finally:
+        _IMPORTED[:] = saved
 
 
 def load_entry_points() -> list[str]:
