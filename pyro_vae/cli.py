@@ -242,18 +242,20 @@ def _build(options: dict[str, Any]):
     name = lvm.model_name(options)  # contradictory model flags, before the data are read
     dataset = load_data(options["data"], data_dir=options["data_dir"],
                         download=bool(options["download"]), binarize_mode=options["binarize"])
-    if options["labels_per_class"] is not None:
-        if name != "m2" and not options["semi_supervised"]:
-            raise ConfigError("--labels-per-class hides training labels for semi-supervised "
-                              "training; use it with --semi-supervised")
-        dataset = keep_labels(dataset, int(options["labels_per_class"]), int(options["seed"]))
     pyro.set_rng_seed(int(options["seed"]))
     if name == "vae":
         options = {**options, "likelihood_options_resolved": {
             **_likelihood_options(options), **options["likelihood_options"]}}
     elif options["likelihood_scale"] is not None or options["levels"] is not None:
         raise ConfigError(f"--likelihood-scale and --levels apply to the model vae, not {name}")
-    return dataset, lvm.build_model(dataset, options)
+    model = lvm.build_model(dataset, options)
+    if options["labels_per_class"] is not None:
+        if not lvm.is_semi_supervised(model):
+            raise ConfigError("--labels-per-class hides training labels for semi-supervised "
+                              "training; use it with --semi-supervised (or a semi-supervised "
+                              "--model)")
+        dataset = keep_labels(dataset, int(options["labels_per_class"]), int(options["seed"]))
+    return dataset, model
 
 
 def _final_evaluation(result, dataset, particles: int) -> None:

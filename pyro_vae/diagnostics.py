@@ -259,18 +259,30 @@ def _draw(vae, x, y, particles: int, seed: int, batch_size: int, latents: bool) 
                     if out["sites"][name].shape[-1] == value.shape[-1]:
                         out["sites"][name][rows, start:stop] = value.cpu().numpy()
             done += k
-    if latents and not out["sites"]:
-        raise PyroVAEError("the guide has no continuous latent site in plate 'data' to record; "
-                           "pass latents=False")
-    return out
+    return out  # no site to record (each drawn per enumerated value, or masked): no posterior
+
+
+def unmasked(distribution):
+    """``(distribution, mask)``: a site's distribution without its ``.mask(...)`` wrappers, and
+    the mask they applied (``None`` for none)."""
+    mask = None
+    while isinstance(distribution, pyro.distributions.MaskedDistribution):
+        inner = distribution._mask
+        mask = inner if mask is None else mask & inner
+        distribution = distribution.base_dist
+    return distribution, mask
 
 
 def _site_values(weights, batch: int) -> dict[str, torch.Tensor]:
-    """``[K, batch, units]`` values of the continuous latent sites in plate "data"."""
+    """``[K, batch, units]`` values of the continuous latent sites in plate "data" (a site
+    masked off for every datapoint of the batch is left out)."""
     out = {}
     for name, site in weights.sites.items():
         value = site.value
         if not site.local or not torch.is_tensor(value) or not value.dtype.is_floating_point:
+            continue
+        mask = unmasked(site.guide)[1]
+        if mask is not None and not bool(torch.as_tensor(mask).any()):
             continue
         event = len(site.guide.event_shape)
         if value.dim() - event == 1:
@@ -333,7 +345,7 @@ def _inference_data(vae, x, y, split_name: str, particles: int, seed: int, laten
             {"x": (("datapoint", "feature"), x.cpu().numpy())},
             coords={"datapoint": np.arange(n), "feature": np.arange(x.shape[1])}),
     }
-    if latents:
+    if latents and draws["sites"]:
         sites = draws["sites"]
         variables, extra = {}, {}
         for name, values in sites.items():
@@ -511,9 +523,18 @@ def site_kl_per_dimension(model, x: torch.Tensor, y: torch.Tensor | None = None,
                 if (not site.local or not torch.is_tensor(value)
                         or not value.dtype.is_floating_point or name in notes):
                     continue
-                units = site.guide.event_shape.numel() if site.guide.event_shape else 1
-                q = _factorized(site.guide, units)
-                p = _factorized(site.prior, units)
+                guide, mask = unmasked(site.guide)
+                if mask is not None and not bool(torch.as_tensor(mask).any()):
+                    continue  # masked off for every datapoint here: no term of these data
+                event = len(guide.event_shape)
+                if value.dim() - event > 2 or (value.dim() - event == 2
+                                               and value.shape[1] != xb.shape[0]):
+                    notes[name] = (f"site {name!r} is drawn for every value of an enumerated "
+                                   "site; no KL per dimension")
+                    continue
+                units = guide.event_shape.numel() if guide.event_shape else 1
+                q = _factorized(guide, units)
+                p = _factorized(unmasked(site.prior)[0], units)
                 if q is None or p is None:
                     which = "guide" if q is None else "prior"
                     notes[name] = (f"the {which} of site {name!r} does not factorize over its "
@@ -527,6 +548,8 @@ def site_kl_per_dimension(model, x: torch.Tensor, y: torch.Tensor | None = None,
                 except NotImplementedError:
                     kl = q.log_prob(value) - p.log_prob(value)
                     methods[name] = "monte carlo"
+                if mask is not None:
+                    kl = kl * torch.as_tensor(mask, dtype=kl.dtype).unsqueeze(-1)
                 kl = kl.reshape(-1, xb.shape[0], units) if kl.dim() >= 2 else kl
                 total = kl.double().sum(0)  # over particles: [batch, units]
                 total = total.expand(xb.shape[0], units).sum(0)

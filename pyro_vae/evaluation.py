@@ -346,6 +346,9 @@ def _site_means(weights, batch: int) -> dict[str, torch.Tensor]:
         if (not site.local or not torch.is_tensor(value)
                 or not value.dtype.is_floating_point):
             continue
+        mask = getattr(site.guide, "_mask", None)
+        if mask is not None and not bool(torch.as_tensor(mask).any()):
+            continue  # masked off for every datapoint of the batch
         event = len(site.guide.event_shape)
         batch_dims = value.dim() - event
         if batch_dims == 1:  # one particle, drawn without a particle dimension

@@ -113,6 +113,81 @@ class TwoLayerVAE(nn.Module):
         return torch.sigmoid(self.p_x(self._normal(self.q_z1, x).mean))
 
 
+class HandM2(nn.Module):
+    """M2 (Kingma et al. 2014) by hand: p(y) uniform, p(z) = N(0, I), p(x | y, z); q(y | x) and
+    q(z | x, y). ``y`` holds labels, ``-1`` where a datapoint is unlabelled (training), or is
+    ``None`` (evaluation: every label latent). Labelled rows observe ``y_obs`` and draw
+    ``z_lab``; unlabelled rows draw ``z`` for every class of ``y``, which the guide enumerates
+    under q(y | x) (in labelled rows ``y`` has its prior as guide and nothing depends on it:
+    it adds exactly nothing to the weight)."""
+
+    semi_supervised = True
+
+    def __init__(self, x_dim: int = 64, classes: int = 10, z_dim: int = 4, hidden: int = 64,
+                 alpha: float = 10.0):
+        super().__init__()
+        self.config = {"x_dim": x_dim, "classes": classes, "z_dim": z_dim, "hidden": hidden,
+                       "alpha": alpha}
+        self.data_dim, self.num_classes, self.z_dim, self.alpha = x_dim, classes, z_dim, alpha
+        self.classifier = nn.Linear(x_dim, classes)
+        self.encoder = _mlp([x_dim + classes, hidden, 2 * z_dim])
+        self.decoder = _mlp([z_dim + classes, hidden, x_dim])
+
+    def _rows(self, x, y):
+        if y is None:
+            y = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        labelled = y >= 0
+        return labelled, torch.where(labelled, y, 0)
+
+    def _one_hot(self, y, like):
+        return torch.nn.functional.one_hot(y, self.num_classes).to(like.dtype)
+
+    def _q_z(self, x, y):
+        batch = torch.broadcast_shapes(y.shape, x.shape[:-1])
+        context = self._one_hot(y, x).expand(*batch, self.num_classes)
+        loc, raw = self.encoder(torch.cat([x.expand(*batch, x.shape[-1]), context], -1)
+                                ).chunk(2, -1)
+        return dist.Normal(loc, torch.nn.functional.softplus(raw) + 1e-3).to_event(1)
+
+    def _p_x(self, y, z):
+        batch = torch.broadcast_shapes(y.shape, z.shape[:-1])
+        context = self._one_hot(y, z).expand(*batch, self.num_classes)
+        logits = self.decoder(torch.cat([z.expand(*batch, z.shape[-1]), context], -1))
+        return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
+
+    def model(self, x, y=None, num_data=None):
+        pyro.module("hand_m2", self)
+        labelled, label = self._rows(x, y)
+        p_y = dist.Categorical(logits=x.new_zeros(self.num_classes))
+        p_z = dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1)
+        with pyro_vae.lvm.data_plate(x, num_data):
+            pyro.sample("y_obs", p_y.mask(labelled), obs=label)
+            z_lab = pyro.sample("z_lab", p_z.mask(labelled))
+            y_lat = pyro.sample("y", p_y)
+            z_lat = pyro.sample("z", p_z.mask(~labelled))
+            y_all = torch.where(labelled, label, y_lat)
+            z_all = torch.where(labelled.unsqueeze(-1), z_lab, z_lat)
+            pyro.sample("x", self._p_x(y_all, z_all), obs=x)
+            log_q = dist.Categorical(logits=self.classifier(x)).log_prob(label)
+            pyro.factor("classification", torch.where(labelled, self.alpha * log_q, 0.0))
+
+    def guide(self, x, y=None, num_data=None):
+        pyro.module("hand_m2", self)
+        labelled, label = self._rows(x, y)
+        with pyro_vae.lvm.data_plate(x, num_data):
+            pyro.sample("z_lab", self._q_z(x, label).mask(labelled))
+            logits = torch.where(labelled.unsqueeze(-1), x.new_zeros(self.num_classes),
+                                 self.classifier(x))
+            y_lat = pyro.sample("y", dist.Categorical(logits=logits),
+                                infer={"enumerate": "parallel"})
+            pyro.sample("z", self._q_z(x, y_lat).mask(~labelled))
+
+    @torch.no_grad()
+    def classify(self, x):
+        return torch.softmax(self.classifier(x), -1)
+
+
 # the command line finds them by name once this module is imported (--import lvm_models.py)
 pyro_vae.register("model", "pyro-example")(ExampleVAE)
 pyro_vae.register("model", "two-layer")(TwoLayerVAE)
+pyro_vae.register("model", "hand-m2")(HandM2)

@@ -16,7 +16,7 @@ import torch
 
 import pyro_vae
 from helpers import invoke
-from lvm_models import ExampleVAE, TwoLayerVAE
+from lvm_models import ExampleVAE, HandM2, TwoLayerVAE
 from pyro_vae import evaluate, fit, load_run, lvm, resume
 from pyro_vae.comparison import compare_runs
 from pyro_vae.diagnostics import diagnose
@@ -33,8 +33,17 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("cls", [ExampleVAE, TwoLayerVAE])
-def test_fit_checkpoints_and_resumes_exactly(cls, digits, tmp_path):
+@pytest.fixture(scope="module")
+def partly_labelled(digits):
+    from pyro_vae.data import keep_labels
+
+    return keep_labels(digits, 10, seed=0)
+
+
+@pytest.mark.parametrize("cls", [ExampleVAE, TwoLayerVAE, HandM2])
+def test_fit_checkpoints_and_resumes_exactly(cls, digits, partly_labelled, tmp_path):
+    if cls is HandM2:  # semi-supervised: 10 labels per class, the rest hidden
+        digits = partly_labelled
     pyro.set_rng_seed(0)
     whole = cls()
     fit(whole, digits, "iwae", particles=3, out=tmp_path / "whole", **FAST)
@@ -50,7 +59,7 @@ def test_fit_checkpoints_and_resumes_exactly(cls, digits, tmp_path):
         assert torch.equal(value, expected[name]), name
     config = json.loads((tmp_path / "whole" / "config.json").read_text())
     assert config["model"]["class"] == f"lvm_models:{cls.__name__}"
-    assert config["model"]["rebuildable"] is (cls is TwoLayerVAE)
+    assert config["model"]["rebuildable"] is (cls is not ExampleVAE)
 
 
 def test_a_model_without_config_is_restored_with_model_or_refused_in_one_line(digits, tmp_path):
@@ -136,15 +145,17 @@ def test_diagnose_reports_every_site_and_the_sites_add_up_to_the_kl(digits):
     assert set(posterior.data_vars) == {"z1", "z2"}
 
 
-def test_compare_and_compare_estimators_take_any_model(digits):
+@pytest.mark.parametrize("cls", [ExampleVAE, HandM2])
+def test_compare_and_compare_estimators_take_any_model(cls, digits, partly_labelled):
     pyro.set_rng_seed(8)
-    a, b = ExampleVAE(), ExampleVAE()
-    fit(a, digits, **FAST)
+    a, b = cls(), cls()
+    fit(a, partly_labelled if cls is HandM2 else digits, **FAST)
     comparison = compare_runs(a, b, digits, particles=50, names=("trained", "fresh"))
     assert comparison.better == "trained" and comparison.significant
-    rows = compare_estimators(a, digits.val[:16], ("elbo", "iwae", "dreg"), (1, 4), repeats=4,
+    estimators = ("elbo", "iwae") if cls is HandM2 else ("elbo", "iwae", "dreg")
+    rows = compare_estimators(a, digits.val[:16], estimators, (1, 4), repeats=4,
                               timing_repeats=2)
-    assert len(rows) == 6
+    assert len(rows) == 2 * len(estimators)
     for row in rows:
         assert math.isfinite(row["bound"]) and row["decoder_grad_var"] > 0
         assert row["encoder_grad_var"] > 0 or row["objective"] == "dreg"
@@ -228,13 +239,14 @@ def test_program_wraps_two_functions(digits):
         pyro_vae.program(model, "guide")
 
 
-@pytest.mark.parametrize("name", ["pyro-example", "two-layer"])
+@pytest.mark.parametrize("name", ["pyro-example", "two-layer", "hand-m2"])
 def test_the_command_line_imports_a_plug_in_and_every_command_finds_it(name, tmp_path, capsys):
     run, other = tmp_path / "run", tmp_path / "other"
+    labels = ["--labels-per-class", "10"] if name == "hand-m2" else []
     for out, seed in ((run, "0"), (other, "1")):
         outcome = invoke(["train", "--import", PLUGIN, "--model", name, "--epochs", "1",
                           "--batch-size", "512", "--eval-particles", "0", "--quiet",
-                          "--seed", seed, "--out", str(out)], capsys)
+                          "--seed", seed, "--out", str(out), *labels], capsys)
         assert outcome.code == 0, outcome.stderr
     config = json.loads((run / "config.json").read_text())
     assert config["plugins"] == [PLUGIN] and config["model"]["rebuildable"] is True
@@ -243,8 +255,8 @@ def test_the_command_line_imports_a_plug_in_and_every_command_finds_it(name, tmp
     assert math.isfinite(json.loads(outcome.stdout)["log_likelihood"])
     outcome = invoke(["diagnose", str(run), "--particles", "30", "--json"], capsys)
     assert outcome.code == 0, outcome.stderr
-    assert set(json.loads(outcome.stdout)["sites"]) == (
-        {"latent"} if name == "pyro-example" else {"z1", "z2"})
+    assert set(json.loads(outcome.stdout)["sites"]) == {
+        "pyro-example": {"latent"}, "two-layer": {"z1", "z2"}, "hand-m2": {"z"}}[name]
     outcome = invoke(["compare", str(run), str(other), "--particles", "20", "--json"], capsys)
     assert outcome.code == 0, outcome.stderr
     outcome = invoke(["compare-estimators", str(run), "--objectives", "elbo,iwae",
