@@ -38,7 +38,8 @@ from .lvm import device_of
 from . import lvm
 from .data import Dataset
 from .errors import ConfigError, PyroVAEError
-from .evaluation import _CHUNK_FLOATS, active_units, evaluate, scored_batches
+from .evaluation import (_CHUNK_FLOATS, ACTIVE_UNIT_THRESHOLD, active_units, evaluate,
+                         scored_batches)
 from .training import check_compatible, labels_for
 
 #: A latent dimension whose :math:`\mathrm{KL}(q \,\|\, p)`, averaged over datapoints, is below this
@@ -750,6 +751,11 @@ def diagnose(vae, data: Dataset | torch.Tensor, split: str = "test", particles: 
             (0 if kl.values is None else len(kl.values))
         collapsed = None if kl.values is None else \
             [int(d) for d in np.flatnonzero(kl.values < COLLAPSE_THRESHOLD)]
+        if collapsed and kl.method == "monte carlo" and name in means and len(means[name]) > 1:
+            # a Monte Carlo KL against a prior with parents (p(z1 | z2)) can be near zero, even
+            # negative, for a unit that carries information: collapsed only if also inactive
+            spread = means[name].var(dim=0, unbiased=True)
+            collapsed = [d for d in collapsed if float(spread[d]) <= ACTIVE_UNIT_THRESHOLD]
         sites[name] = SiteDiagnosis(units, kl.values, kl.method, kl.note, collapsed,
                                     active_units(means[name]) if name in means else 0)
     primary = "z" if "z" in sites else next(iter(sites), None)

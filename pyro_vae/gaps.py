@@ -513,7 +513,9 @@ def refine(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, ste
     try:
         with lookup, _Frozen(model), torch.random.fork_rng(_cuda(device)), \
                 pyro.validation_enabled(False):
-            torch.manual_seed(seed)
+            # the refinement's own stream: scored on the draws it was fitted to, the refined
+            # guide's ELBO would be biased high (particle k would reuse step k's noise)
+            torch.manual_seed(_refinement_seed(seed))
             with tqdm(total=steps * len(batches), desc="refine", disable=not progress,
                       leave=False) as bar:
                 refined = [_refine_batch(model, lookup, bound,
@@ -542,6 +544,11 @@ def refine(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, ste
                       amortized_log_likelihood_mc_se=out["ll_se"],
                       encoder_output=parts[0] if structure is None else structure(parts),
                       steps=steps, particles=eval_particles)
+
+
+def _refinement_seed(seed: int) -> int:
+    """A seed for the refinement's draws, apart from the scoring draws seeded with ``seed``."""
+    return (seed * 6364136223846793005 + 1442695040888963407) % 2**63
 
 
 @torch.enable_grad()
