@@ -6,7 +6,8 @@ default and its help text. Everything else is derived from it:
 - the command-line flags (``--epochs``, ``--no-conditional``, …) of ``train`` and
   ``compare-estimators`` (:func:`add_arguments`);
 - the ``--config FILE.toml`` file (:func:`read_toml`): top-level keys are option names, and the
-  tables ``[prior]``, ``[likelihood]`` and ``[guide]`` name a component and set its options::
+  tables ``[prior]``, ``[likelihood]``, ``[guide]`` and ``[model]`` name a component (a model:
+  ``vae``, ``hierarchical``, ``mixture``, ``m2`` or a plug-in's) and set its options::
 
       epochs = 50
       objective = "iwae"
@@ -454,8 +455,8 @@ def _shown(value: Any) -> str:
 
 def read_toml(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The options of a TOML file, checked: ``(options, components)``, where ``components``
-    maps ``prior``/``likelihood``/``guide`` to its table (``name`` and the component's
-    options)."""
+    maps ``prior``/``likelihood``/``guide``/``model`` to its table (``name`` and the
+    component's options)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -496,7 +497,7 @@ def resolve(flags: dict[str, Any], config_file: str | Path | None = None,
             component_flags: dict[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Every option's value: the schema's default, overridden by the TOML file, overridden by
     the flags given (``None`` = not given). Component options land in ``prior_options``,
-    ``likelihood_options`` and ``guide_options``."""
+    ``likelihood_options``, ``guide_options`` and ``model_options``."""
     options = dict(DEFAULTS)
     components: dict[str, dict[str, Any]] = {}
     if config_file is not None:
