@@ -510,16 +510,33 @@ def cmd_explore(args: argparse.Namespace) -> int:
     x = dataset.split(args.split)
     if x.shape[0] < 2:
         raise ConfigError(f"split {args.split!r} has fewer than 2 datapoints")
+    from . import lvm
+
     labels = labels_for(run.vae, dataset, args.split)
     y_pair = None if labels is None else (labels[0], labels[1])
-    figures = {
-        "interpolation.png": applications.interpolate(run.vae, x[0], x[1], y=y_pair).figure,
-        "traversals.png": applications.traverse(
-            run.vae, x[0], y=None if labels is None else labels[0]).figure,
-        "latent_scatter.png": applications.latent_scatter(run.vae, dataset, args.split).figure,
-        "reconstructions.png": applications.reconstructions(run.vae, x, labels).figure,
-    }
-    anomalies = applications.anomaly_scores(run.vae, dataset, args.split,
+    model = run.vae
+    # each figure needs capabilities of the model (pyro_vae.lvm); the others are skipped
+    latent = (lvm.has(model, "posterior_mean") and lvm.has(model, "decode")
+              and isinstance(getattr(model, "latent_dim", None), int))
+    figures = {}
+    skipped = []
+    if latent:
+        figures["interpolation.png"] = applications.interpolate(model, x[0], x[1],
+                                                                y=y_pair).figure
+        figures["traversals.png"] = applications.traverse(
+            model, x[0], y=None if labels is None else labels[0]).figure
+    else:
+        skipped += ["interpolation.png", "traversals.png"]
+    if lvm.has(model, "posterior_mean"):
+        figures["latent_scatter.png"] = applications.latent_scatter(model, dataset,
+                                                                    args.split).figure
+    else:
+        skipped.append("latent_scatter.png")
+    if lvm.has(model, "reconstruct"):
+        figures["reconstructions.png"] = applications.reconstructions(model, x, labels).figure
+    else:
+        skipped.append("reconstructions.png")
+    anomalies = applications.anomaly_scores(model, dataset, args.split,
                                             particles=args.particles, top=args.top)
     figures["anomalies.png"] = anomalies.figure
     summary: dict[str, Any] = {
@@ -527,7 +544,10 @@ def cmd_explore(args: argparse.Namespace) -> int:
         "most_anomalous": [{"index": int(i), "nll": float(anomalies.nll[i])}
                            for i in anomalies.ranking[: min(args.top, 10)]],
     }
-    if dataset.split_labels("train") is not None and dataset.split_labels("test") is not None:
+    if skipped:
+        summary["skipped"] = skipped
+    if (lvm.has(model, "posterior_mean") and dataset.split_labels("train") is not None
+            and dataset.split_labels("test") is not None):
         probe = applications.representation_probe(run.vae, dataset)
         figures["probe.png"] = probe.figure
         summary["probe_accuracy"], summary["probe_chance"] = probe.accuracy, probe.chance
@@ -544,6 +564,9 @@ def cmd_explore(args: argparse.Namespace) -> int:
         print("most anomalous (index in split, −log p̂(x) in nats): " + ", ".join(
             f"{row['index']}: {row['nll']:.1f}" for row in summary["most_anomalous"]))
         print(f"figures: {out}/ ({', '.join(figures)})")
+        if skipped:
+            print(f"skipped (the model has no posterior_mean, decode or reconstruct for them): "
+                  f"{', '.join(skipped)}")
     return 0
 
 

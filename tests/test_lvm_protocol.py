@@ -265,6 +265,17 @@ def test_the_command_line_imports_a_plug_in_and_every_command_finds_it(name, tmp
     outcome = invoke(["train", "--resume", str(run), "--epochs", "2", "--quiet",
                       "--eval-particles", "0"], capsys)
     assert outcome.code == 0, outcome.stderr
+    # explore draws what the model's capabilities allow and says what it skipped
+    outcome = invoke(["explore", str(run), "--particles", "10", "--top", "4", "--json"], capsys)
+    assert outcome.code == 0, outcome.stderr
+    explored = json.loads(outcome.stdout)
+    expected = {"pyro-example": ["interpolation.png", "traversals.png", "latent_scatter.png",
+                                 "reconstructions.png"],
+                "two-layer": ["interpolation.png", "traversals.png", "latent_scatter.png"],
+                "hand-m2": ["interpolation.png", "traversals.png", "latent_scatter.png",
+                            "reconstructions.png"]}[name]
+    assert explored["skipped"] == expected
+    assert {Path(f).name for f in explored["figures"]} >= {"anomalies.png"}
 
 
 def test_a_missing_plug_in_is_one_line(digits, tmp_path, capsys):
