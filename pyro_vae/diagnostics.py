@@ -39,7 +39,7 @@ from . import lvm
 from .data import Dataset
 from .errors import ConfigError, PyroVAEError
 from .evaluation import (_CHUNK_FLOATS, ACTIVE_UNIT_THRESHOLD, active_units, evaluate,
-                         scored_batches)
+                         point_sites, scored_batches, unmasked)
 from .training import check_compatible, labels_for
 
 #: A latent dimension whose :math:`\mathrm{KL}(q \,\|\, p)`, averaged over datapoints, is below this
@@ -263,35 +263,11 @@ def _draw(vae, x, y, particles: int, seed: int, batch_size: int, latents: bool) 
     return out  # no site to record (each drawn per enumerated value, or masked): no posterior
 
 
-def unmasked(distribution):
-    """``(distribution, mask)``: a site's distribution without its ``.mask(...)`` wrappers, and
-    the mask they applied (``None`` for none)."""
-    mask = None
-    while isinstance(distribution, pyro.distributions.MaskedDistribution):
-        inner = distribution._mask
-        mask = inner if mask is None else mask & inner
-        distribution = distribution.base_dist
-    return distribution, mask
-
-
 def _site_values(weights, batch: int) -> dict[str, torch.Tensor]:
-    """``[K, batch, units]`` values of the continuous latent sites in plate "data" (a site
-    masked off for every datapoint of the batch is left out)."""
-    out = {}
-    for name, site in weights.sites.items():
-        value = site.value
-        if not site.local or not torch.is_tensor(value) or not value.dtype.is_floating_point:
-            continue
-        mask = unmasked(site.guide)[1]
-        if mask is not None and not bool(torch.as_tensor(mask).any()):
-            continue
-        event = len(site.guide.event_shape)
-        if value.dim() - event == 1:
-            value = value.unsqueeze(0)
-        if value.dim() - event != 2 or value.shape[1] != batch:
-            continue
-        out[name] = value.detach().reshape(value.shape[0], batch, -1)
-    return out
+    """``[K, batch, units]`` values of the sites :func:`~pyro_vae.evaluation.point_sites`
+    keeps."""
+    return {name: value.detach().reshape(value.shape[0], batch, -1)
+            for name, _, value in point_sites(weights, batch)}
 
 
 def inference_data(vae, data: Dataset | torch.Tensor, split: str = "test", particles: int = 1000,
@@ -693,24 +669,25 @@ class Diagnosis:
                     continue
                 lines.append(f"  KL per dimension (nats, {site.kl_method}; total "
                              f"{float(site.kl_per_dim.sum()):.3f}):")
-                cells = [f"{name}[{d}]={v:.3f}" for d, v in enumerate(site.kl_per_dim)]
-                lines += ["    " + "  ".join(cells[i:i + 8]) for i in range(0, len(cells), 8)]
-            lines += [f"warning: {text}" for text in self.warnings]
-            if self.netcdf_path is not None:
-                lines.append(f"InferenceData written to {self.netcdf_path}")
-            return "\n".join(lines)
-        lines.append(f"active units {ev['active_units']}/{self.latent_dim}")
-        if self.kl_per_dim is None:
-            lines.append(f"KL per latent dimension: unavailable ({self.kl_note})")
+                lines += _cells(site.kl_per_dim, lambda d, n=name: f"{n}[{d}]", "    ")
         else:
-            lines.append(f"KL per latent dimension (nats, mean over datapoints, "
-                         f"{self.kl_method}; total {float(self.kl_per_dim.sum()):.3f}):")
-            cells = [f"z{d}={v:.3f}" for d, v in enumerate(self.kl_per_dim)]
-            lines += ["  " + "  ".join(cells[i:i + 8]) for i in range(0, len(cells), 8)]
+            lines.append(f"active units {ev['active_units']}/{self.latent_dim}")
+            if self.kl_per_dim is None:
+                lines.append(f"KL per latent dimension: unavailable ({self.kl_note})")
+            else:
+                lines.append(f"KL per latent dimension (nats, mean over datapoints, "
+                             f"{self.kl_method}; total {float(self.kl_per_dim.sum()):.3f}):")
+                lines += _cells(self.kl_per_dim, lambda d: f"z{d}", "  ")
         lines += [f"warning: {text}" for text in self.warnings]
         if self.netcdf_path is not None:
             lines.append(f"InferenceData written to {self.netcdf_path}")
         return "\n".join(lines)
+
+
+def _cells(values, label, indent: str) -> list[str]:
+    """``label(d)=value`` cells, eight to a line."""
+    cells = [f"{label(d)}={v:.3f}" for d, v in enumerate(values)]
+    return [indent + "  ".join(cells[i:i + 8]) for i in range(0, len(cells), 8)]
 
 
 def diagnose(vae, data: Dataset | torch.Tensor, split: str = "test", particles: int = 1000,

@@ -335,28 +335,48 @@ def memory_plan(vae, x_all: torch.Tensor, labels: torch.Tensor | None, particles
     return MemoryPlan(batch=batch, chunk=chunk, per_row=per_row, budget=budget)
 
 
-def _site_means(weights, batch: int) -> dict[str, torch.Tensor]:
-    r"""Per continuous local latent site, the sum over this chunk's particles of the guide's
-    mean at the site (its value where the mean is unknown), ``[batch, units]``: summed over the
-    K particles and divided by K this is :math:`\mathbb{E}_q[z_s \mid x]` (for a site whose
-    guide depends on other latents, by the tower rule)."""
-    out = {}
+def unmasked(distribution):
+    """``(distribution, mask)``: a site's distribution without its ``.mask(...)`` wrappers, and
+    the mask they applied (``None`` for none)."""
+    mask = None
+    while isinstance(distribution, pyro.distributions.MaskedDistribution):
+        inner = distribution._mask
+        mask = inner if mask is None else mask & inner
+        distribution = distribution.base_dist
+    return distribution, mask
+
+
+def point_sites(weights, batch: int):
+    """The continuous latent sites in plate "data" with one value per particle and datapoint:
+    ``(name, guide, value)`` with ``guide`` the site's guide distribution without its masks and
+    ``value`` ``[K, batch, *event]``. Left out: global sites, discrete ones, a site masked off
+    for every datapoint of the batch, and one with more batch dimensions (in a plate nested in
+    "data", or drawn for every value of an enumerated site)."""
     for name, site in weights.sites.items():
         value = site.value
-        if (not site.local or not torch.is_tensor(value)
-                or not value.dtype.is_floating_point):
+        if not site.local or not torch.is_tensor(value) or not value.dtype.is_floating_point:
             continue
-        mask = getattr(site.guide, "_mask", None)
+        guide, mask = unmasked(site.guide)
         if mask is not None and not bool(torch.as_tensor(mask).any()):
-            continue  # masked off for every datapoint of the batch
-        event = len(site.guide.event_shape)
-        batch_dims = value.dim() - event
-        if batch_dims == 1:  # one particle, drawn without a particle dimension
+            continue
+        event = len(guide.event_shape)
+        if value.dim() - event == 1:  # one particle, drawn without a particle dimension
             value = value.unsqueeze(0)
-        elif batch_dims != 2 or value.shape[1] != batch:
-            continue  # a site in a plate nested in "data": no single point per datapoint
+        if value.dim() - event != 2 or value.shape[1] != batch:
+            continue
+        yield name, guide, value
+
+
+def _site_means(weights, batch: int) -> dict[str, torch.Tensor]:
+    r"""Per continuous local latent site (:func:`point_sites`), the sum over this chunk's
+    particles of the guide's mean at the site (its value where the mean is unknown),
+    ``[batch, units]``: summed over the K particles and divided by K this is
+    :math:`\mathbb{E}_q[z_s \mid x]` (for a site whose guide depends on other latents, by the
+    tower rule)."""
+    out = {}
+    for name, guide, value in point_sites(weights, batch):
         try:
-            mean = site.guide.mean
+            mean = guide.mean
             mean = mean.unsqueeze(0) if mean.dim() == value.dim() - 1 else mean
             mean = mean.expand_as(value)
         except (NotImplementedError, RuntimeError):

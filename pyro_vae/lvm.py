@@ -118,7 +118,9 @@ class Program(LatentVariableModel):
         for name, fn in (("model", model), ("guide", guide)):
             if not callable(fn):
                 raise ConfigError(f"program: {name} must be a function, not {type(fn).__name__}")
-        self._model, self._guide = model, guide
+        # each function called with what it takes (y, num_data), decided once, not every call
+        self._programs = tuple(fn if all(_accepts(fn)) else _adapted(fn, *_accepts(fn))
+                               for fn in (model, guide))
         self.networks = nn.ModuleDict(dict(modules or {}))
         for name, value in capabilities.items():
             if name not in CAPABILITIES and name not in ("data_shape", "conditional",
@@ -128,27 +130,17 @@ class Program(LatentVariableModel):
             setattr(self, name, value)
         self._pyro_name = f"program{next(_program_ids)}"
 
-    def model(self, x, y=None, num_data=None):
+    def _register(self) -> None:
         for name, module in self.networks.items():
             pyro.module(f"{self._pyro_name}.{name}", module)
-        return self._call(self._model, x, y, num_data)
+
+    def model(self, x, y=None, num_data=None):
+        self._register()
+        return self._programs[0](x, y, num_data)
 
     def guide(self, x, y=None, num_data=None):
-        for name, module in self.networks.items():
-            pyro.module(f"{self._pyro_name}.{name}", module)
-        return self._call(self._guide, x, y, num_data)
-
-    @staticmethod
-    def _call(fn, x, y, num_data):
-        parameters = inspect.signature(fn).parameters
-        kwargs = {}
-        if "y" in parameters:
-            kwargs["y"] = y
-        elif y is not None:
-            raise ConfigError(f"labels were given to {fn.__name__}, which takes no y")
-        if "num_data" in parameters:
-            kwargs["num_data"] = num_data
-        return fn(x, **kwargs)
+        self._register()
+        return self._programs[1](x, y, num_data)
 
 
 def program(model: Callable, guide: Callable, modules: dict[str, nn.Module] | None = None,
