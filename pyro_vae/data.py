@@ -548,11 +548,13 @@ def load_torchvision(name: str, data_dir: str | Path | None = None,
     )
 
 
-def binarize(dataset: Dataset, mode: str) -> Dataset:
-    """Binary data from grey levels in [0, 1] (Bernoulli(x), with a fixed seed).
+def binarize(dataset: Dataset, mode: str, seed: int = BINARIZE_SEED) -> Dataset:
+    """Binary data from grey levels in [0, 1] (Bernoulli(x), drawn with ``seed``).
 
     ``static``: every split is sampled once. ``dynamic``: validation and test are sampled once
     (so evaluations are deterministic), and training minibatches are resampled at every step.
+    The seed is recorded in a run's ``config.json`` (``binarize_seed``), so the run is evaluated
+    on the same binary test images wherever it is loaded.
     """
     if mode not in BINARIZATIONS:
         raise DataError(f"unknown binarization {mode!r}; use static or dynamic")
@@ -564,7 +566,7 @@ def binarize(dataset: Dataset, mode: str) -> Dataset:
         if not (float(values.min()) >= 0.0 and float(values.max()) <= 1.0):
             raise DataError(f"--binarize needs data in [0, 1]; {dataset.name!r} holds values "
                             f"from {float(values.min()):g} to {float(values.max()):g}")
-    generator = torch.Generator().manual_seed(BINARIZE_SEED)
+    generator = torch.Generator().manual_seed(seed)
     sample = lambda x: torch.bernoulli(x.cpu(), generator=generator).to(x.device)  # noqa: E731
     return Dataset(dataset.name, dataset.data_shape,
                    dataset.train if mode == "dynamic" else sample(dataset.train),
@@ -607,7 +609,8 @@ def _same_fingerprint(actual: dict, expected: dict) -> bool:
 def _load_data(spec: str | Path, device: torch.device | str = "cpu", *,
                data_dir: str | Path | None = None, download: bool = False,
                binarize_mode: str | None = None, split_seed: int = SPLIT_SEED,
-               expected: dict | None = None, mismatch: str | None = None) -> Dataset:
+               expected: dict | None = None, mismatch: str | None = None,
+               binarize_seed: int = BINARIZE_SEED) -> Dataset:
     """:func:`load_data`; with ``expected`` (a recorded fingerprint), data whose fingerprint
     differs are refused with the one-line ``mismatch``."""
     spec = str(spec)
@@ -634,8 +637,9 @@ def _load_data(spec: str | Path, device: torch.device | str = "cpu", *,
         raise DataError(f"unknown data set {shown!r}; use one of: {', '.join(NAMED_DATASETS)}, "
                         "or a path to a .npy or .csv file")
     if binarize_mode is not None:
-        dataset = binarize(dataset, binarize_mode)
+        dataset = binarize(dataset, binarize_mode, binarize_seed)
     dataset.source = {"name": dataset.name, "binarize": binarize_mode,
+                      **({"binarize_seed": binarize_seed} if binarize_mode else {}),
                       **({"data_dir": str(Path(data_dir).expanduser())} if data_dir else {}),
                       "split_seed": split_seed, "fingerprint": fingerprint}
     return dataset.to(device)
@@ -713,6 +717,10 @@ def load_recorded(source: dict, data: str | Path | None = None,
     if binarize_mode is not None and binarize_mode not in BINARIZATIONS:
         raise DataError(f"config.json: the recorded binarization {binarize_mode!r} is not one of "
                         f"{', '.join(BINARIZATIONS)}")
+    binarize_seed = source.get("binarize_seed", BINARIZE_SEED)
+    if type(binarize_seed) is not int or not 0 <= binarize_seed < 2 ** 63:
+        raise DataError(f"config.json: the recorded binarize_seed {binarize_seed!r} is not a "
+                        "non-negative integer")
     if data is None:
         name = source.get("name")
         if not isinstance(name, str) or not name:
@@ -733,7 +741,8 @@ def load_recorded(source: dict, data: str | Path | None = None,
         mismatch = (f"{spec}: the file's contents differ from the data this run was trained on "
                     "(size/sha256 recorded in config.json); pass the right file with --data")
     dataset = _load_data(spec, device, data_dir=data_dir, binarize_mode=binarize_mode,
-                         split_seed=split_seed, expected=expected, mismatch=mismatch)
+                         split_seed=split_seed, expected=expected, mismatch=mismatch,
+                         binarize_seed=binarize_seed)
     kept = source.get("labels_per_class")
     if kept is not None:
         label_seed = source.get("label_seed", 0)

@@ -284,7 +284,7 @@ def test_a_file_is_recorded_by_absolute_path_size_sha256_and_split_seed(tmp_path
     dataset = quietly(load_data, "rows.npy", binarize_mode="static")
     path = (tmp_path / "rows.npy").resolve()
     assert dataset.source == {
-        "name": str(path), "binarize": "static", "split_seed": SPLIT_SEED,
+        "name": str(path), "binarize": "static", "binarize_seed": 0, "split_seed": SPLIT_SEED,
         "fingerprint": {"size": path.stat().st_size, "sha256": _sha256(path)}}
     assert dataset.name == str(path)
     csv_path = tmp_path / "rows.csv"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,78 @@ def test_a_memory_mapped_file_with_nan_is_refused_with_its_row(tmp_path):
     np.save(tmp_path / "nan.npy", values)
     with pytest.raises(DataError, match="row 20001"):
         load_data(str(tmp_path / "nan.npy"))
+
+
+# -- the real MNIST files, where a checkout has them (benchmarks and reproductions use them) ----
+REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (REAL_MNIST / "MNIST" / "raw").is_dir(),
+                    reason="the real MNIST files are not here (../shared/data/MNIST/raw)")
+def test_the_real_mnist_files_read_as_published():
+    data = load_data("mnist", data_dir=REAL_MNIST)
+    assert data.data_shape == (1, 28, 28)
+    assert (len(data.train), len(data.val), len(data.test)) == (54_000, 6_000, 10_000)
+    pixels = torch.cat([data.train, data.val]).double()
+    # the published training statistics, given to four decimals: within half a unit of the last
+    assert abs(float(pixels.mean()) - 0.1307) <= 5e-5
+    assert abs(float(pixels.std()) - 0.3081) <= 5e-5
+    test_counts = torch.bincount(data.labels["test"], minlength=10).tolist()
+    assert test_counts == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    train_counts = torch.bincount(torch.cat([data.labels["train"], data.labels["val"]]))
+    assert train_counts.tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def test_dynamic_binarization_draws_new_binary_images_every_epoch(idx_root):
+    """Each epoch's minibatches are fresh Bernoulli(x) draws of the grey training images."""
+    from pyro_vae import VAE, fit
+    from pyro_vae.callbacks import Callback
+
+    root, _ = idx_root
+    data = load_data("mnist", data_dir=root, binarize_mode="dynamic")
+
+    class Seen(Callback):
+        def __init__(self):
+            self.by_epoch = []
+
+        def on_step_end(self, trainer):
+            x = trainer.batch[0].detach().cpu()
+            order = trainer.state.order[trainer.state.position - x.shape[0]:
+                                        trainer.state.position].cpu()
+            seen = torch.empty_like(x)
+            seen[order.argsort()] = x  # rows back in the training split's order
+            self.by_epoch.append(seen)
+
+    seen = Seen()
+    fit(VAE(784, 2, hidden=(8,)), data, "elbo", epochs=3, batch_size=len(data.train),
+        progress=False, callbacks=[seen], val_particles=1)
+    draws = torch.stack(seen.by_epoch)  # [epochs, N, 784]
+    assert draws.shape[0] == 3 and set(draws.unique().tolist()) <= {0.0, 1.0}
+    grey = data.train.double()
+    for a in range(3):
+        for b in range(a + 1, 3):  # independent draws: P(two epochs agree everywhere) ≈ 0
+            assert not torch.equal(draws[a], draws[b])
+    # E[Bernoulli(x)] = x: the draws' mean matches the grey mean within 3 standard errors
+    se = math.sqrt(3 * float((grey * (1 - grey)).sum())) / (3 * grey.numel())
+    assert abs(float(draws.double().mean() - grey.mean())) < 3 * se
+
+
+def test_evaluation_uses_one_fixed_binarization_recorded_in_the_run(idx_root, tmp_path):
+    root, _ = idx_root
+    out = tmp_path / "run"
+    assert main(["train", "--data", "mnist", "--data-dir", str(root), "--binarize", "dynamic",
+                 "--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--quiet",
+                 "--eval-particles", "0", "--out", str(out)]) == 0
+    source = json.loads((out / "config.json").read_text())["data"]
+    assert source["binarize"] == "dynamic" and source["binarize_seed"] == 0
+    first, second = load_run(out).data(), load_run(out).data()
+    assert set(first.test.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(first.test, second.test) and torch.equal(first.val, second.val)
+    assert torch.equal(first.test, load_data("mnist", data_dir=root, binarize_mode="dynamic").test)
+    # another recorded seed gives other (fixed) binary test images
+    config = json.loads((out / "config.json").read_text())
+    config["data"]["binarize_seed"] = 1
+    (out / "config.json").write_text(json.dumps(config))
+    other = load_run(out).data().test
+    assert not torch.equal(other, first.test)
+    assert torch.equal(other, load_run(out).data().test)
