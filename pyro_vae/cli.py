@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--particles", default="1,5,50", metavar="K1,K2",
                          help="comma-separated K values (default 1,5,50)")
     compare.add_argument("--alpha", type=_finite_float, metavar="A", help="Rényi α (renyi)")
+    compare.add_argument("--groups", type=_positive_int, metavar="M",
+                         help="groups of K particles (miwae, piwae; default 1)")
+    compare.add_argument("--elbo-weight", type=_flag(config.UNIT_INTERVAL), metavar="W",
+                         help="the ELBO's weight (ciwae; default 0.5)")
     compare.add_argument("--repeats", type=_positive_int, default=100, metavar="R",
                          help="gradient draws per objective × K (default 100)")
     compare.add_argument("--batch-size", type=_positive_int, default=64, metavar="B",
@@ -437,7 +441,9 @@ def cmd_compare_estimators(args: argparse.Namespace) -> int:
         raise ConfigError(f"split {args.split!r} has fewer than 2 datapoints")
     labels = labels_for(vae, dataset, args.split)
     rows = compare_estimators(vae, x, objectives, particles, repeats=args.repeats,
-                              alpha=args.alpha, seed=seed, temperature=args.temperature,
+                              alpha=args.alpha, groups=args.groups,
+                              elbo_weight=args.elbo_weight, seed=seed,
+                              temperature=args.temperature,
                               labels=None if labels is None else labels[: args.batch_size],
                               progress=not args.json and sys.stderr.isatty())
     if args.json:

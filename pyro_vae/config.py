@@ -173,6 +173,7 @@ NON_NEGATIVE_INT = _integer("a non-negative integer", lambda v: v >= 0)
 POSITIVE = _number("a positive number", lambda v: v > 0 and math.isfinite(v))
 NON_NEGATIVE = _number("a non-negative number", lambda v: v >= 0 and math.isfinite(v))
 FINITE = _number("a finite number", math.isfinite)
+UNIT_INTERVAL = _number("a number from 0 to 1", lambda v: 0 <= v <= 1)
 STRING = _string()
 BOOLEAN = _boolean()
 HIDDEN = _hidden()
@@ -225,6 +226,29 @@ def _activations():
 def _models():
     from .lvm import MODELS
     return MODELS
+
+
+#: The learning-rate schedules of ``lr_schedule``.
+LR_SCHEDULES = ("constant", "burda")
+
+
+def scheduled_lr(lr: float, schedule: str, epoch: int) -> float:
+    r"""The learning rate of ``epoch`` (1-based) under ``schedule``.
+
+    ``burda``: Burda et al. (2016): pass :math:`i = 0, 1, \dots, 7` lasts :math:`3^i` epochs at
+    :math:`\text{lr}\cdot 10^{-i/7}` (3,280 epochs in all); later epochs keep the last rate.
+    """
+    if schedule == "constant":
+        return lr
+    if schedule != "burda":
+        raise ConfigError(f"unknown lr_schedule {schedule!r}; choose one of: "
+                          f"{', '.join(LR_SCHEDULES)}")
+    end, stage = 0, 0
+    for stage in range(8):
+        end += 3 ** stage
+        if epoch <= end:
+            break
+    return lr * 10 ** (-stage / 7)
 
 
 def _objectives():
@@ -320,12 +344,18 @@ def _options() -> tuple[Option, ...]:
         # training: the keyword arguments of fit, TrainConfig, config.json's "training"
         O("objective", STRING, "elbo", "training", "the objective (estimator) to optimize",
           choices=_objectives),
-        O("particles", POSITIVE_INT, None, "training", "particles per datapoint (default: 1; "
-          "5 for iwae, renyi, dreg, vimco)", "K", optional=True),
+        O("particles", POSITIVE_INT, None, "training", "particles per datapoint, per group for "
+          "miwae and piwae (default: 1; 5 for iwae, renyi, dreg, vimco, miwae, ciwae, piwae)",
+          "K", optional=True),
         O("beta", NON_NEGATIVE, 1.0, "training",
           "weight of the latent (KL) terms; 1 is the plain bound", "B"),
         O("alpha", FINITE, None, "training",
           "Rényi α for objective renyi (default 0.5; 0 is IWAE)", "A", optional=True),
+        O("groups", POSITIVE_INT, None, "training", "M, groups of K particles for objectives "
+          "miwae and piwae: M·K draws (default 1; 1 is IWAE_K)", "M", optional=True),
+        O("elbo_weight", UNIT_INTERVAL, None, "training", "weight of the ELBO in objective "
+          "ciwae, the rest on IWAE_K (default 0.5; 0 is IWAE, 1 the ELBO)", "W",
+          optional=True),
         O("anneal_steps", NON_NEGATIVE_INT, 0, "training",
           "raise β linearly from 0 over the first N steps (KL warm-up)", "N"),
         O("free_bits", NON_NEGATIVE, 0.0, "training",
@@ -333,6 +363,9 @@ def _options() -> tuple[Option, ...]:
         O("epochs", POSITIVE_INT, 200, "training", "passes over the training split", "E"),
         O("batch_size", POSITIVE_INT, 128, "training", "datapoints per step", "B"),
         O("lr", POSITIVE, 1e-3, "training", "Adam's learning rate", "LR"),
+        O("lr_schedule", STRING, "constant", "training", "the learning rate over the epochs: "
+          "constant, or burda (lr·10^(−i/7) for 3^i epochs, i = 0…7; Burda et al. 2016)",
+          choices=lambda: list(LR_SCHEDULES)),
         O("seed", SEED, 0, "training", "the one seed of the run (model, data order, draws)",
           "S"),
         O("device", STRING, "auto", "training", "auto (CUDA when available), cpu or cuda[:i]",
@@ -373,7 +406,8 @@ DEFAULTS_TRAINING: dict[str, Any] = {option.name: option.default for option in T
 
 def _python_type(option: Option) -> Any:
     base = {INTEGER: int, SEED: int, POSITIVE_INT: int, NON_NEGATIVE_INT: int, POSITIVE: float,
-            NON_NEGATIVE: float, FINITE: float, STRING: str, BOOLEAN: bool}.get(option.kind, Any)
+            NON_NEGATIVE: float, FINITE: float, UNIT_INTERVAL: float, STRING: str,
+            BOOLEAN: bool}.get(option.kind, Any)
     return base | None if option.optional else base
 
 

@@ -13,7 +13,9 @@ For each objective × K, on a fixed minibatch of data:
 
 Rainforth et al. (2018) predict, for ``iwae``, an encoder SNR falling like :math:`1/\sqrt K` and a
 decoder SNR rising like :math:`\sqrt K`; ``dreg`` (Tucker et al. 2019) keeps the encoder SNR from
-falling.
+falling, and so, by the paper's own remedies, do ``miwae`` (M groups of K: encoder SNR
+:math:`O(\sqrt{M/K})`), ``piwae`` (IWAE_MK's decoder gradient, MIWAE(M, K)'s encoder gradient) and
+``ciwae`` (the ELBO's share).
 
 An estimator is an objective name with an optional gradient, ``objective[:gradient]``, applied to
 the same model/guide pair by a handler (:func:`with_gradient`):
@@ -45,7 +47,7 @@ from . import lvm
 from .lvm import device_of
 from .errors import ConfigError
 from .models.priors import RelaxedOneHotCategorical
-from .objectives import OBJECTIVES, make_objective
+from .objectives import GROUPED, OBJECTIVES, make_objective
 
 #: The gradient estimators an ``objective[:gradient]`` name can ask for (see the module docstring).
 GRADIENTS = ("pathwise", "score", "enum", "relaxed")
@@ -175,10 +177,12 @@ def compare_estimators(vae, x: torch.Tensor, objectives: Sequence[str] = ("elbo"
                        particles: Sequence[int] = (1, 5, 50), repeats: int = 100,
                        timing_repeats: int = 20, alpha: float | None = None, seed: int = 0,
                        labels: torch.Tensor | None = None, progress: bool = False,
-                       temperature: float = 0.5) -> list[dict]:
+                       temperature: float = 0.5, groups: int | None = None,
+                       elbo_weight: float | None = None) -> list[dict]:
     """Compare estimators (``objective[:gradient]``, see the module docstring) × ``particles``
     on the minibatch ``x`` (``[batch, data_dim]``; a conditional VAE also takes the batch's
-    ``labels``).
+    ``labels``). ``alpha``, ``groups`` and ``elbo_weight`` go to the objectives they apply to
+    (``renyi``; ``miwae`` and ``piwae``, whose ``particles`` are per group; ``ciwae``).
 
     Returns one row per pair with the keys of :data:`ROW_KEYS`. The model is not changed.
     """
@@ -203,7 +207,9 @@ def compare_estimators(vae, x: torch.Tensor, objectives: Sequence[str] = ("elbo"
     with pyro.validation_enabled(False):
         for spec, (name, gradient), k in tqdm(pairs, desc="compare estimators",
                                              disable=not progress):
-            objective = make_objective(name, k, alpha=alpha if name == "renyi" else None)
+            objective = make_objective(name, k, alpha=alpha if name == "renyi" else None,
+                                       groups=groups if name in GROUPED else None,
+                                       elbo_weight=elbo_weight if name == "ciwae" else None)
             model, guide = with_gradient(*lvm.programs(vae), gradient, temperature)
             pyro.set_rng_seed(seed)
             with torch.no_grad():

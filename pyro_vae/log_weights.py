@@ -22,8 +22,9 @@ encloses every site: ``RenyiELBO`` reduces such a plate element by element, as p
 the first step is Jensen over :math:`g` (an ELBO over the globals), the second the IWAE bound of
 each datapoint *given the same* :math:`g` (any K-particle bound :math:`\le \log p(x_b \mid g)`
 serves). So the K local particles must share one draw of :math:`g`: for the objectives that are
-non-linear in the particles (``iwae``, ``renyi``, ``dreg``, ``vimco``, ``stl`` at K > 1) the
-particle plate enters only sites inside plate ``"data"`` and the globals are drawn once per step.
+non-linear in the particles (``iwae``, ``renyi``, ``dreg``, ``vimco``, ``miwae``, ``ciwae``,
+``piwae``, ``stl`` at K > 1) the particle plate enters only sites inside plate ``"data"`` and the
+globals are drawn once per step.
 For the linear ones (``elbo``, ``meanfield``) every site gets the particle dimension and the result
 equals ``Trace_ELBO`` particle for particle. The minibatch scale :math:`N/B` (``scale``) multiplies
 the local terms only, outside every log-mean-exp. Pyro's ``RenyiELBO`` instead draws the globals per
@@ -185,6 +186,9 @@ class LogWeights:
         self.enum_dependent_latents: list[str] = []
         #: the latent sites in the order the model and the guide sample them
         self.site_order: tuple[list[str], list[str]] = ([], [])
+        #: with ``stop_guide_gradient``: a function of no arguments giving the direct terms
+        #: (see :meth:`direct_log_guide`)
+        self.direct_guide: Callable[[], tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     def per_datapoint_only(self, what: str) -> "LogWeights":
         """These weights, for a tool that reports per-datapoint bounds; refused in one line if
@@ -193,6 +197,21 @@ class LogWeights:
             raise ConfigError(f"{what} reports per-datapoint bounds, and this program has sites "
                               "outside plate 'data' (global latents or observations)")
         return self
+
+    def direct_log_guide(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r""":math:`\log q_\phi(z \mid x)` at the latent values held fixed (detached), with the
+        guide's parameters live: local ``[particles, batch]`` and global (``[particles]`` or
+        ``[1]``; ``None`` without global latents). Its gradient is the direct term
+        :math:`\partial_\phi \log q_\phi(z \mid x)|_z` that weights scored with
+        ``stop_guide_gradient`` drop (only there is it available; computed when first read). A
+        local site is scored given live global values: its dependence on them is direct too."""
+        if self.direct_guide is None:
+            raise ConfigError("the direct log q terms are computed for weights scored with "
+                              "stop_guide_gradient only")
+        if callable(self.direct_guide):
+            with torch.set_grad_enabled(self._grad_enabled):
+                self.direct_guide = self.direct_guide()
+        return self.direct_guide
 
     @property
     def has_guide_enumeration(self) -> bool:
@@ -557,8 +576,11 @@ def _vae_log_weights(vae, particles: int, stop_guide_gradient: bool, x: torch.Te
     shape = (particles, batch)
     site = LatentSite(z, prior.expand(shape), guide.expand(shape))
     # log p(z) and log q(z|x) are computed when an objective reads them (meanfield does not)
-    return LogWeights(log_likelihood, lambda: prior.log_prob(z), log_guide,
-                      1.0 if num_data is None else num_data / batch, {"z": site})
+    weights = LogWeights(log_likelihood, lambda: prior.log_prob(z), log_guide,
+                         1.0 if num_data is None else num_data / batch, {"z": site})
+    if stop_guide_gradient:
+        weights.direct_guide = lambda: (guide.log_prob(z.detach()), None)
+    return weights
 
 
 # -- the general traced path ----------------------------------------------------------------------
@@ -585,8 +607,9 @@ def log_weights(model: Callable, guide: Callable, *args, particles: int = 1,
     :param stop_guide_gradient: score the guide a second time at the same values with every
         guide parameter stopped (module parameters, ``pyro.param``, ``PyroParam``), so
         :math:`\log q(z \mid x)` keeps only the path gradient through :math:`z(\phi, \epsilon)`: the
-        gradient used by STL and DReG. The latent sites' values in ``sites`` are then aliases of the
-        samples through which the path gradient of the weights (and only it) flows.
+        gradient used by STL, DReG and PIWAE. The latent sites' values in ``sites`` are then
+        aliases of the samples through which the path gradient of the weights (and only it)
+        flows, and :meth:`LogWeights.direct_log_guide` gives the dropped direct term on demand.
     :param structure: the program's :class:`ProgramStructure` (or a function returning it),
         if known; finding it costs one run of the pair.
 
@@ -791,13 +814,14 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
             if site["fn"].__dict__.get("has_rsample", True) is False:
                 # a factor standing for a non-reparameterized draw: its score-function factor
                 if stop_guide_gradient:
-                    raise ConfigError(f"guide factor {name!r} has has_rsample=False; stl and "
-                                      "dreg need pathwise gradients")
+                    raise ConfigError(f"guide factor {name!r} has has_rsample=False; stl, "
+                                      "dreg and piwae need pathwise gradients")
                 add(bucket["score"], site, site["fn"].log_prob(site["value"]))
         elif not site["fn"].has_rsample:
             if stop_guide_gradient:
-                raise ConfigError(f"guide site {name!r} is not reparameterizable; stl and dreg "
-                                  "need pathwise gradients (use elbo, iwae, renyi or vimco)")
+                raise ConfigError(f"guide site {name!r} is not reparameterizable; stl, dreg and "
+                                  "piwae need pathwise gradients (use elbo, iwae, renyi or "
+                                  "vimco)")
             # the score-function factor: log q, neither scaled nor masked (Pyro's ScoreParts)
             add(bucket["score"], site, site["fn"].log_prob(site["value"]))
 
@@ -851,6 +875,13 @@ def _traced_log_weights(model, guide, args, kwargs, particles: int, stop_guide_g
     weights.guide_factors = guide_factors
     weights.enum_dependent_latents = enum_dependent_latents
     weights.site_order = (model_latents, guide_latents)
+    if stop_guide_gradient:
+        def direct():
+            def weigh(site):
+                return _weigher(site, layout, is_local(site), data_dim_of(site), data_scale)
+            return _direct_guide_log_probs(in_particles(guide), guide_trace, is_local, weigh,
+                                           shared, local_shape, width, args, kwargs)
+        weights.direct_guide = direct
     return weights
 
 
@@ -1015,6 +1046,45 @@ def _stopped_guide_log_probs(guide, vectorized_guide, guide_trace, aliases, layo
         scored.update({name: term for name, term in local_scored.items()
                        if name not in global_names})
     return scored
+
+
+def _direct_guide_log_probs(vectorized_guide, guide_trace, is_local, weigh, shared: bool,
+                            local_shape, width: int, args, kwargs):
+    """log q of every latent guide site at its value detached, the guide's parameters live,
+    summed as the weights sum it: (local ``[particles, batch]``, global ``[width]`` or None).
+    With globals shared by local particles the stopped weights score the local sites given
+    stopped globals, so here the local sites are scored given the live globals (their direct
+    dependence on g); the global sites at their own detached values."""
+    latent = {name: site for name, site in guide_trace.nodes.items()
+              if site["type"] == "sample" and not site["is_observed"]
+              and not site_is_subsample(site) and not site["infer"].get("_deterministic")}
+
+    def rescore(names):
+        values = {name: latent[name]["value"].detach() for name in names}
+        trace = poutine.trace(poutine.replay(vectorized_guide,
+                                             trace=_with_values(guide_trace, values))
+                              ).get_trace(*args, **kwargs)
+        return {name: _checked_log_prob(name, trace.nodes[name], "guide") for name in names}
+
+    local_names = [name for name, site in latent.items() if is_local(site)]
+    global_names = [name for name in latent if name not in local_names]
+    if not latent:
+        scored = {}
+    elif shared and global_names:
+        scored = rescore(local_names) if local_names else {}
+        scored.update(rescore(global_names))
+    else:
+        scored = rescore(list(latent))
+    local, glob = [], []
+    for name, term in scored.items():
+        site = latent[name]
+        (local if is_local(site) else glob).append(weigh(site)(term))
+    local_total = _summed(local)
+    if local_total is None:
+        local_total = torch.zeros((), device=_data_device(args, kwargs))
+    local_total = local_total.expand(local_shape)
+    glob_total = _summed(glob)
+    return local_total, None if glob_total is None else glob_total.expand(width)
 
 
 def _spreader(site, layout: _Layout, data_dim):

@@ -549,6 +549,208 @@ class VIMCO(IWAE):
         return local.detach() - baseline
 
 
+def _check_groups(groups: int) -> int:
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ConfigError(f"groups must be a positive integer, not {groups!r}")
+    return groups
+
+
+def _check_elbo_weight(elbo_weight: float) -> float:
+    if isinstance(elbo_weight, bool) or not isinstance(elbo_weight, (int, float)) or \
+            not 0.0 <= float(elbo_weight) <= 1.0:
+        raise ConfigError(f"elbo_weight must be a number from 0 to 1, not {elbo_weight!r}")
+    return float(elbo_weight)
+
+
+class MIWAE(CoreObjective):
+    r"""``miwae``: the multiply importance-weighted bound MIWAE(M, K) of Rainforth et al. (2018),
+    per datapoint: M independent IWAE_K bounds, averaged.
+
+    .. math:: \mathcal{L}_{M,K}(x) = \frac1M \sum_{m=1}^M \log \frac1K \sum_{k=1}^K w_{m,k},
+              \qquad z_{m,k} \sim q(z \mid x)
+
+    ``particles`` is K, the particles *per group*, and ``groups`` is M: the objective draws
+    M·K particles in one pass (``groups=8, particles=8`` is MIWAE(8, 8), 64 draws).
+    MIWAE(1, K) is IWAE_K, draw for draw; MIWAE(M, 1) is the ELBO with M particles. Its
+    expectation is that of IWAE_K (an average of M independent copies), below IWAE_MK of as many
+    draws; what the groups buy is the gradient: the standard gradient of each group's bound,
+    averaged, whose signal-to-noise ratio is :math:`O(\sqrt{M/K})` for the guide's parameters
+    and :math:`O(\sqrt{MK})` for the model's (Rainforth et al. 2018, theorem 1), where IWAE_MK's
+    guide SNR decays like :math:`1/\sqrt{MK}`. Guide sites without ``rsample`` get the
+    score-function gradient with a leave-one-out control variate within their group.
+
+    .. warning:: With :math:`\beta \ne 1` the latent terms are weighted inside each
+       :math:`w_{m,k}`; the result is no longer a bound on :math:`\log p(x)`.
+    """
+
+    name = "miwae"
+
+    def __init__(self, num_particles: int = 5, groups: int = 1, beta: float = 1.0,
+                 free_bits: float = 0.0, max_plate_nesting: int | None = None):
+        if not isinstance(num_particles, int) or isinstance(num_particles, bool) or \
+                num_particles < 1:
+            raise ConfigError(f"particles must be a positive integer, not {num_particles!r}")
+        self.groups = _check_groups(groups)
+        #: K, the particles of each group (``num_particles`` is M·K, the draws)
+        self.group_size = num_particles
+        super().__init__(self.groups * num_particles, beta, free_bits, max_plate_nesting)
+
+    def _grouped(self, log_w: torch.Tensor) -> torch.Tensor:
+        """``[M·K, batch]`` as ``[M, K, batch]``: particle m·K + k is particle k of group m."""
+        return log_w.reshape(self.groups, -1, log_w.shape[-1])
+
+    def surrogate(self, weights: LogWeights) -> torch.Tensor:
+        grouped = self._grouped(weights.total(self.beta))
+        return (torch.logsumexp(grouped, 1) - math.log(grouped.shape[1])).mean(0)
+
+    def local_signal(self, weights: LogWeights, local: torch.Tensor) -> torch.Tensor:
+        r"""Particle k of group m: :math:`\frac1M` (its group's bound minus the bound of the
+        group's other particles); with one particle per group, the ELBO's signal."""
+        grouped = self._grouped(weights.total(self.beta).detach())
+        if grouped.shape[1] == 1:
+            return super().local_signal(weights, local)
+        bound = torch.logsumexp(grouped, 1, keepdim=True) - math.log(grouped.shape[1])
+        # leave-one-out within each group: the group's particles on dim 0
+        others = _leave_one_out_log_mean_exp(grouped.transpose(0, 1)).transpose(0, 1)
+        return ((bound - others) / self.groups).reshape(-1, grouped.shape[-1])
+
+
+class CIWAE(CoreObjective):
+    r"""``ciwae``: the combination importance-weighted bound CIWAE_β of Rainforth et al. (2018),
+    per datapoint: a convex combination of the ELBO and IWAE_K on the same K particles.
+
+    .. math:: \mathcal{L}^{\mathrm{C}}_{\beta}(x) = \beta\,\frac1K\sum_{k=1}^K \log w_k
+              + (1 - \beta)\,\log \frac1K \sum_{k=1}^K w_k,\qquad z_k \sim q(z \mid x)
+
+    with :math:`\beta` = ``elbo_weight`` in [0, 1] (not the KL weight ``beta``, which acts inside
+    each :math:`w_k` as for every objective). By Jensen's inequality the ELBO term lies below the
+    IWAE term on every draw, so ELBO ≤ CIWAE ≤ IWAE_K draw for draw; ``elbo_weight`` 0 is
+    ``iwae``, 1 is ``elbo``. The gradient is the same combination of the two standard
+    gradients: the ELBO's share keeps the guide's gradient from vanishing as K grows (its
+    signal-to-noise ratio does not decay to zero, where IWAE's decays like
+    :math:`1/\sqrt K`), at the price of a looser bound. Guide sites without ``rsample`` get the
+    same combination of the two score-function signals.
+
+    .. warning:: With a KL weight :math:`\beta \ne 1` the latent terms are weighted inside each
+       :math:`w_k`; the result is no longer a bound on :math:`\log p(x)`.
+    """
+
+    name = "ciwae"
+
+    def __init__(self, num_particles: int = 5, elbo_weight: float = 0.5, beta: float = 1.0,
+                 free_bits: float = 0.0, max_plate_nesting: int | None = None):
+        self.elbo_weight = _check_elbo_weight(elbo_weight)
+        super().__init__(num_particles, beta, free_bits, max_plate_nesting)
+
+    def surrogate(self, weights: LogWeights) -> torch.Tensor:
+        if self.elbo_weight == 1.0:
+            return weights.expected_total(self.beta).mean(0)
+        iwae = weights.log_mean_weight(self.beta)
+        if self.elbo_weight == 0.0:
+            return iwae
+        elbo = weights.expected_total(self.beta).mean(0)
+        return self.elbo_weight * elbo + (1.0 - self.elbo_weight) * iwae
+
+    def local_signal(self, weights: LogWeights, local: torch.Tensor) -> torch.Tensor:
+        """The ELBO's signal and IWAE's, combined with the same weights."""
+        elbo_signal = super().local_signal(weights, local)
+        if weights.particles == 1:  # the ELBO and IWAE_1 are one bound
+            return elbo_signal
+        log_w = weights.total(self.beta).detach()
+        iwae = torch.logsumexp(log_w, 0) - math.log(weights.particles)
+        iwae_signal = iwae - _leave_one_out_log_mean_exp(log_w)
+        return self.elbo_weight * elbo_signal + (1.0 - self.elbo_weight) * iwae_signal
+
+
+class PIWAE(MIWAE):
+    r"""``piwae``: the partially importance-weighted estimator PIWAE(M, K) of Rainforth et al.
+    (2018): the model trained on IWAE_MK, the guide on MIWAE(M, K), from the same M·K draws.
+
+    Value: IWAE_MK, :math:`\log \frac{1}{MK}\sum_{m,k} w_{m,k}` (``particles`` is K and ``groups``
+    M, as for ``miwae``). Gradients, with :math:`a_{m,k}` the weights normalized over all M·K
+    particles (IWAE_MK's coefficients) and :math:`b_{m,k}` those normalized within group m,
+    divided by M (MIWAE's):
+
+    - the model's (:math:`\theta`): :math:`\sum a_{m,k} \nabla_\theta \log w_{m,k}`, IWAE_MK's,
+      whose signal-to-noise ratio grows like :math:`\sqrt{MK}`;
+    - the guide's (:math:`\phi`): :math:`\sum b_{m,k} \nabla_\phi \log w_{m,k}`, MIWAE(M, K)'s,
+      whose signal-to-noise ratio is :math:`O(\sqrt{M/K})` instead of IWAE_MK's
+      :math:`O(1/\sqrt{MK})`.
+
+    Implementation, one backward pass, without telling the two programs' parameters apart:
+    :math:`\theta` enters only :math:`\log p(x, z)`, :math:`\phi` only through :math:`z` (the
+    path) and :math:`\log q` directly. The weights are scored with :math:`\log q` stopped (as for
+    ``dreg``), so the IWAE_MK bound gives :math:`\theta` its gradient and each latent value
+    :math:`a_{m,k}\,\partial \log w_{m,k} / \partial z_{m,k}`; a gradient hook on each local latent
+    value multiplies it by :math:`b_{m,k}/a_{m,k} = \exp(\operatorname{logsumexp}_{\text{all}}
+    - \operatorname{logsumexp}_{\text{group } m} - \log M)` (independent of :math:`w_{m,k}`, so
+    stable), on an alias through which only the weights read the latents (a later site drawn
+    given an earlier one is chained through unweighted, as for ``dreg``). The direct term is
+    added with zero value, :math:`-\beta\sum b_{m,k} \log q_\phi(\bar z_{m,k} \mid x)` with
+    :math:`\bar z` detached and :math:`\phi` live
+    (:meth:`~pyro_vae.log_weights.LogWeights.direct_log_guide`); a ``pyro.factor`` of the guide,
+    scored live, is reweighted from :math:`a` to :math:`b` the same way. Global latents (outside
+    plate "data") are drawn once and shared by the M·K local particles, with the ELBO's
+    gradient on their own terms; their part in the local weights gets :math:`b`: through the
+    local guide directly (scored given the live globals) and, for the model's direct dependence
+    on them, by a zero-valued term :math:`\sum_g v_g \cdot g`,
+    :math:`v_g = \partial_g \sum (b - a) \log w` (one extra backward pass, only then).
+    A parameter read by both programs gets the model's share from IWAE_MK and the guide's from
+    MIWAE. PIWAE(1, K) is IWAE_K in value and gradient.
+    """
+
+    name = "piwae"
+    stop_guide_gradient = True
+    supports_score_function = False
+    supports_guide_enumeration = False
+
+    def surrogate(self, weights: LogWeights) -> torch.Tensor:
+        log_w = weights.total(self.beta)
+        value = torch.logsumexp(log_w, 0) - math.log(weights.particles)
+        if not torch.is_grad_enabled():
+            return value
+        detached = log_w.detach()
+        grouped = self._grouped(detached)
+        every = torch.logsumexp(detached, 0)                       # [batch]
+        group = torch.logsumexp(grouped, 1, keepdim=True)          # [M, 1, batch]
+        b = (grouped - group).exp().reshape(detached.shape) / self.groups
+        direct_local, _ = weights.direct_log_guide()
+        correction = -self.beta * (b * direct_local).sum(0)
+        if self.groups > 1:
+            a = torch.softmax(detached, 0)
+            factor = weights.guide_factors[0]
+            if factor is not None:
+                correction = correction - self.beta * ((b - a) * factor).sum(0)
+            shared = [site.value for site in weights.sites.values()
+                      if not site.local and site.value.requires_grad]
+            if shared and log_w.requires_grad:
+                grads = torch.autograd.grad(((b - a) * log_w).sum(), shared, retain_graph=True,
+                                            allow_unused=True)
+                for grad, global_value in zip(grads, shared):
+                    if grad is not None:
+                        correction = correction + (grad * global_value).sum() / log_w.shape[-1]
+            ratio = (every - group - math.log(self.groups)).exp()
+            ratio = ratio.expand(grouped.shape).reshape(detached.shape)
+            for site in weights.sites.values():
+                if site.local and site.value.requires_grad:
+                    scale = site.per_particle(ratio)
+                    site.value.register_hook(lambda grad, scale=scale: grad * scale)
+        return value + (correction - correction.detach())
+
+    def global_surrogate(self, weights: LogWeights) -> torch.Tensor | None:
+        """The globals' ELBO with its standard gradient: the direct term of their log q, which
+        the stopped weights drop, added with zero value."""
+        bound = super().global_surrogate(weights)
+        if not torch.is_grad_enabled() or weights.global_terms is None:
+            return bound
+        _, direct_global = weights.direct_log_guide()
+        if direct_global is None:
+            return bound
+        term = -self.beta * direct_global.mean()
+        term = term - term.detach()
+        return term if bound is None else bound + term
+
+
 #: The objectives by name, the names of the public contract (``objective=`` of
 #: :func:`pyro_vae.fit`).
 OBJECTIVES: dict[str, type[CoreObjective]] = {
@@ -559,22 +761,40 @@ OBJECTIVES: dict[str, type[CoreObjective]] = {
     "dreg": DReG,
     "stl": STL,
     "vimco": VIMCO,
+    "miwae": MIWAE,
+    "ciwae": CIWAE,
+    "piwae": PIWAE,
 }
-#: K used when an objective is asked for without ``particles``.
+#: K used when an objective is asked for without ``particles`` (per group for miwae, piwae).
 DEFAULT_PARTICLES = {"elbo": 1, "meanfield": 1, "iwae": 5, "renyi": 5, "dreg": 5, "stl": 1,
-                     "vimco": 5}
+                     "vimco": 5, "miwae": 5, "ciwae": 5, "piwae": 5}
+#: the objectives that take ``groups`` (M groups of K particles)
+GROUPED = ("miwae", "piwae")
 
 
 def make_objective(name: str, particles: int | None = None, beta: float = 1.0,
-                   free_bits: float = 0.0, alpha: float | None = None) -> CoreObjective:
-    """The objective called ``name`` (see :data:`OBJECTIVES`) with K = ``particles``."""
+                   free_bits: float = 0.0, alpha: float | None = None,
+                   groups: int | None = None, elbo_weight: float | None = None) -> CoreObjective:
+    """The objective called ``name`` (see :data:`OBJECTIVES`) with K = ``particles``;
+    ``alpha`` (renyi, default 0.5), ``groups`` (M; miwae and piwae, default 1) and
+    ``elbo_weight`` (ciwae, default 0.5) apply to one objective each."""
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective {name!r}; choose one of: {', '.join(OBJECTIVES)}")
     if particles is None:
         particles = DEFAULT_PARTICLES[name]
     if alpha is not None and name != "renyi":
         raise ConfigError(f"alpha applies to objective 'renyi' only, not {name!r}")
+    if groups is not None and name not in GROUPED:
+        raise ConfigError(f"groups applies to objectives 'miwae' and 'piwae' only, not {name!r}")
+    if elbo_weight is not None and name != "ciwae":
+        raise ConfigError(f"elbo_weight applies to objective 'ciwae' only, not {name!r}")
     if name == "renyi":
         return Renyi(particles, alpha=0.5 if alpha is None else alpha, beta=beta,
                      free_bits=free_bits)
+    if name in GROUPED:
+        return OBJECTIVES[name](particles, groups=1 if groups is None else groups, beta=beta,
+                                free_bits=free_bits)
+    if name == "ciwae":
+        return CIWAE(particles, elbo_weight=0.5 if elbo_weight is None else elbo_weight,
+                     beta=beta, free_bits=free_bits)
     return OBJECTIVES[name](particles, beta=beta, free_bits=free_bits)

@@ -187,6 +187,9 @@ class Trainer:
         validate_next = True  # validate the first step of this process, then run fast
         while state.epoch <= config.epochs and not self.stop_requested:
             epoch_start = time.perf_counter()
+            lr = schema.scheduled_lr(config.lr, config.lr_schedule, state.epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             if state.order is None:
                 state.order = self._placed(torch.randperm(num_data, generator=self.order_generator))
                 state.position, state.loss_sum = 0, 0.0
@@ -262,8 +265,10 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor,
 
     The keyword options are those of section ``training`` of :mod:`pyro_vae.config` (the same
     names, types and defaults as the flags of ``pyro-vae train``): ``particles`` defaults to 1
-    for ``elbo``/``meanfield``/``stl`` and 5 for the importance-weighted objectives; ``alpha``
-    is the Rényi α; ``anneal_steps`` > 0 raises β linearly from 0 to ``beta`` over that many
+    for ``elbo``/``meanfield``/``stl`` and 5 for the importance-weighted objectives (per group
+    for ``miwae``/``piwae``); ``alpha`` is the Rényi α; ``groups`` is M, the groups of K
+    particles of ``miwae`` and ``piwae``; ``elbo_weight`` is the ELBO's share in ``ciwae``;
+    ``anneal_steps`` > 0 raises β linearly from 0 to ``beta`` over that many
     steps (KL warm-up); ``free_bits`` is λ in nats per latent dimension (Kingma et al. 2016).
     ``callbacks`` are added to the run's own (:mod:`pyro_vae.callbacks`).
 
@@ -328,7 +333,8 @@ def _prepare(vae, data, objective: str, options: dict[str, Any]):
     dataset = as_dataset(data)
     check_compatible(vae, dataset)
     loss_fn = make_objective(config.objective, config.particles, config.beta,
-                             free_bits=config.free_bits, alpha=config.alpha)
+                             free_bits=config.free_bits, alpha=config.alpha,
+                             groups=config.groups, elbo_weight=config.elbo_weight)
     context = distributed.context_from_environment(resolve_device(config.device))
     vae.to(context.device)
     dry_run(vae, loss_fn, dataset)
@@ -398,7 +404,8 @@ def _resume(run, epochs, device, progress, callbacks, data) -> FitResult:
     vae = run.vae
     check_compatible(vae, dataset)
     loss_fn = make_objective(config.objective, config.particles, config.beta,
-                             free_bits=config.free_bits, alpha=config.alpha)
+                             free_bits=config.free_bits, alpha=config.alpha,
+                             groups=config.groups, elbo_weight=config.elbo_weight)
     context = distributed.context_from_environment(resolve_device(config.device))
     torch_device = context.device
     vae.to(torch_device)

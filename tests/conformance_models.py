@@ -124,14 +124,21 @@ def product_rule(rules):
     return list(grids), weight
 
 
+#: ciwae's weight on the ELBO in the conformance table (its default)
+CIWAE_ELBO_WEIGHT = 0.5
+
+
 def reduce_particles(objective: str, log_w: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The bound of K log-weights (last dim): mean (ELBO family), log-mean-exp (IWAE family),
-    or the Rényi bound."""
+    """The bound of K log-weights (last dim): mean (ELBO family), log-mean-exp (IWAE family;
+    miwae and piwae with one group), the Rényi bound, or ciwae's mix of the first two."""
     particles = log_w.shape[-1]
     if objective in ("elbo", "meanfield", "stl") or particles == 1:
         return log_w.mean(-1)
-    if objective in ("iwae", "dreg", "vimco"):
+    if objective in ("iwae", "dreg", "vimco", "miwae", "piwae"):
         return torch.logsumexp(log_w, -1) - math.log(particles)
+    if objective == "ciwae":
+        iwae = torch.logsumexp(log_w, -1) - math.log(particles)
+        return CIWAE_ELBO_WEIGHT * log_w.mean(-1) + (1 - CIWAE_ELBO_WEIGHT) * iwae
     if objective == "renyi":
         power = 1.0 - alpha
         return (torch.logsumexp(power * log_w, -1) - math.log(particles)) / power
@@ -1821,7 +1828,10 @@ def _enumerate_chain(scale):
         probs_x, probs_y, probs_z = probs()
         q = pyro.param("guide_probs_x")
         log_w = scale * (probs_x.log() + (probs_y * probs_z[:, 0]).sum(-1).log() - q.log())
-        return -torch.logsumexp(q.log() + log_w, 0)
+        iwae = torch.logsumexp(q.log() + log_w, 0)
+        if objective == "ciwae":  # and the ELBO, Σ_x q(x) log w(x), TraceEnum_ELBO's value
+            return -(CIWAE_ELBO_WEIGHT * (q * log_w).sum() + (1 - CIWAE_ELBO_WEIGHT) * iwae)
+        return -iwae
 
     return Program(model, guide, marginal=marginal, expected=expected)
 

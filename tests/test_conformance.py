@@ -14,6 +14,8 @@ the table ``ROWS`` declares and the test asserts:
     With a guide site sampled without rsample, ``elbo`` is ``TraceEnum_ELBO`` (its Dice
     estimator, not ``Trace_ELBO``'s: both reward a datapoint's site with that datapoint's terms,
     and keep the zero-mean term −∂φ log q(z) that ``Trace_ELBO`` drops).
+    ``ciwae`` (``Mixed``) is ``elbo_weight`` times the ELBO's reference plus the rest times
+    IWAE's, both at the same seed (the same K draws).
     Two program transformations make Pyro's RenyiELBO compute the same bound, without changing
     any random draw: with no plate "data", a zero ``pyro.factor`` outside every plate (RenyiELBO
     reduces plates that enclose every site per element; the objectives do so for "data" only);
@@ -29,6 +31,10 @@ the table ``ROWS`` declares and the test asserts:
 (c) ``Refused``: a ``ConfigError`` in one line that names the site or the reason; for an
     invalid program, also the error (raised inside Pyro, not torch) or warning that Pyro's own
     validation gives it. Never a torch internal error.
+
+``miwae`` and ``piwae`` run with one group (MIWAE(1, K) and PIWAE(1, K) are IWAE_K in value and
+gradient; their groups are tested in test_rainforth_objectives.py), ``ciwae`` with its default
+``elbo_weight`` 0.5.
 
 ``KNOWN_BUGS`` lists the cells where the objectives do not reach the declared outcome: strict
 xfails, each expecting the exception it raises today. ``outcome_counts()`` tallies the table;
@@ -55,12 +61,12 @@ from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanFiel
 from pyro.infer.util import is_validation_enabled
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conformance_models import CASES, DATA, conjugate_program  # noqa: E402
+from conformance_models import CASES, CIWAE_ELBO_WEIGHT, DATA, conjugate_program  # noqa: E402
 
 from pyro_vae.errors import ConfigError  # noqa: E402
 from pyro_vae.objectives import OBJECTIVES, make_objective  # noqa: E402
 
-OBJECTIVE_NAMES = tuple(OBJECTIVES)  # elbo, meanfield, iwae, renyi, dreg, stl, vimco
+OBJECTIVE_NAMES = tuple(OBJECTIVES)  # elbo, meanfield, iwae, renyi, dreg, stl, vimco, miwae, …
 RENYI_ALPHA = 0.5
 SEED = 0
 VALUE_RTOL, GRAD_RTOL = 1e-10, 1e-8
@@ -98,13 +104,27 @@ class Refused:
     config_match: str | None = None
 
 
+@dataclass(frozen=True)
+class Mixed:
+    """(a) for ``ciwae``: ``CIWAE_ELBO_WEIGHT`` × the ``elbo`` reference + the rest × the
+    ``iwae`` reference, in value and gradients, with ``particles`` particles."""
+
+    elbo: Same
+    iwae: Same
+    particles: int = 3
+
+
 VALIDATION = (ValueError,)
 DUPLICATE = (RuntimeError,)  # Pyro's trace: "Multiple sample sites named ..."
 
 
-def _row(elbo, meanfield, iwae, renyi, vimco, dreg, stl):
+def _row(elbo, meanfield, iwae, renyi, vimco, dreg, stl, ciwae):
+    """One program's outcomes. ``miwae`` with one group is ``iwae``; so is ``piwae`` with one
+    group, except that, its gradient built on stopped guide parameters as dreg's, it refuses
+    what dreg refuses (non-pathwise and enumerated guide sites)."""
     return {"elbo": elbo, "meanfield": meanfield, "iwae": iwae, "renyi": renyi,
-            "vimco": vimco, "dreg": dreg, "stl": stl}
+            "vimco": vimco, "dreg": dreg, "stl": stl, "miwae": iwae, "ciwae": ciwae,
+            "piwae": dreg if isinstance(dreg, Refused) else iwae}
 
 
 def one_weight():
@@ -112,14 +132,14 @@ def one_weight():
     "data" (one weight for everything) or a "data" plate around every site."""
     return _row(Same("trace", 2), Same("meanfield", 2), Same("renyi", 3),
                 Same("renyi", 3, alpha=RENYI_ALPHA), Same("renyi", 3), Same("dreg", 3),
-                Same("stl", 1))
+                Same("stl", 1), Mixed(Same("trace", 3), Same("renyi", 3)))
 
 
 def score_one_weight(site):
     """As ``one_weight`` with a guide site sampled without rsample: the score-function
     gradients of the importance-weighted objectives are checked against the exact gradient."""
     refuse = Refused(rf"'{site}'.*(reparameteriz|pathwise)|needs reparameterized guide sites")
-    return _row(Same("enum", 1), refuse, Exact(3), Exact(3), Exact(3), refuse, refuse)
+    return _row(Same("enum", 1), refuse, Exact(3), Exact(3), Exact(3), refuse, refuse, Exact(3))
 
 
 def globals_only():
@@ -127,26 +147,27 @@ def globals_only():
     is the single-draw ELBO (Trace_ELBO with one particle), and dreg keeps the global path
     gradient (stl's)."""
     return _row(Same("trace", 2), Same("meanfield", 2), Same("trace", 3, 1),
-                Same("trace", 3, 1), Same("trace", 3, 1), Same("stl", 3, 1), Same("stl", 1))
+                Same("trace", 3, 1), Same("trace", 3, 1), Same("stl", 3, 1), Same("stl", 1),
+                Same("trace", 3, 1))
 
 
 def globals_only_score(site):
     refuse = Refused(rf"'{site}'.*(reparameteriz|pathwise)|needs reparameterized guide sites")
     return _row(Same("enum", 1), refuse, Same("enum", 3, 1), Same("enum", 3, 1),
-                Same("enum", 3, 1), refuse, refuse)
+                Same("enum", 3, 1), refuse, refuse, Same("enum", 3, 1))
 
 
 def hierarchical(particles=3):
     """Global latents and local latents: the K local particles share one draw of the globals
     (the hierarchical bound), which no Pyro estimator computes."""
     return _row(Same("trace", 2), Same("meanfield", 2), Exact(particles), Exact(particles),
-                Exact(particles), Exact(particles), Same("stl", 1))
+                Exact(particles), Exact(particles), Same("stl", 1), Exact(particles))
 
 
 def hierarchical_score(site, particles=3, elbo=Same("enum", 1)):
     refuse = Refused(rf"'({site})'.*(reparameteriz|pathwise)|needs reparameterized guide sites")
     return _row(elbo, refuse, Exact(particles), Exact(particles), Exact(particles),
-                refuse, refuse)
+                refuse, refuse, Exact(particles))
 
 
 def enumerated_guide():
@@ -157,14 +178,15 @@ def enumerated_guide():
     refuse = Refused(r"enumerat|needs reparameterized guide sites")
     return _row(Same("enum", 1),
                 Refused(r"'meanfield' needs reparameterized guide sites; site '\w+' is not"),
-                Same("marginal", 3), Same("marginal", 3), Same("marginal", 3), refuse, refuse)
+                Same("marginal", 3), Same("marginal", 3), Same("marginal", 3), refuse, refuse,
+                Mixed(Same("enum", 1), Same("marginal", 3)))
 
 
 def enumerated_model():
     """Model-side enumeration and an empty guide: every weight is log p(x) (meanfield has no
     KL to take: it is the same)."""
     return _row(Same("enum", 1), Same("enum", 1), Same("enum", 3, 1), Same("enum", 3, 1),
-                Same("enum", 3, 1), Same("enum", 3, 1), Same("enum", 1))
+                Same("enum", 3, 1), Same("enum", 3, 1), Same("enum", 1), Same("enum", 3, 1))
 
 
 def subsampled():
@@ -173,12 +195,12 @@ def subsampled():
     refuse it at K > 1."""
     refuse = Refused(SUBSAMPLES)
     return _row(Same("trace", 2), Same("meanfield", 2), refuse, refuse, refuse, refuse,
-                Same("stl", 1))
+                Same("stl", 1), refuse)
 
 
 def refused(match, pyro_error=(), warning=False, config_match=None):
     outcome = Refused(match, pyro_error, warning, config_match)
-    return _row(*[outcome] * 7)
+    return _row(*[outcome] * 8)
 
 
 def invalid(match, pyro_error=VALIDATION, warning=False):
@@ -199,9 +221,10 @@ ROWS = {
     "rsample_false": score_one_weight("z"),
     "not_rsample_rounded": score_one_weight("z"),
     "sequential_plate": score_one_weight("x_0"),
-    "sequential_plate_subsample": {**score_one_weight("x_0"), "iwae": Refused(SUBSAMPLES),
-                                   "renyi": Refused(SUBSAMPLES), "vimco": Refused(SUBSAMPLES),
-                                   "dreg": Refused(SUBSAMPLES)},
+    "sequential_plate_subsample": {**score_one_weight("x_0"),
+                                   **{objective: Refused(SUBSAMPLES) for objective in (
+                                       "iwae", "renyi", "vimco", "dreg", "miwae", "ciwae",
+                                       "piwae")}},
     "plate_full": one_weight(),
     "plate_subsample": subsampled(),
     "data_plate_subsample": one_weight(),
@@ -252,7 +275,8 @@ ROWS = {
     "enum_sequential_in_guide": enumerated_guide(),
     # meanfield has no closed-form KL against p(z) = Σ_c p(c) p(z | c): it must refuse
     "enum_model_parent_of_latent": _row(Same("enum", 1), Refused(r"'z'.*enumerat|enumerat.*'z'"),
-                                        Exact(3), Exact(3), Exact(3), Exact(3), Same("stl", 1)),
+                                        Exact(3), Exact(3), Exact(3), Exact(3), Same("stl", 1),
+                                        Exact(3)),
     "components_and_data": globals_only(),
     # Pyro broadcasts p (plate "components", dim -1) into "obs", which no plate at dim -1
     # encloses, and sums the undeclared dimension: so does every objective at a site inside
@@ -266,7 +290,8 @@ ROWS = {
     "factor_in_guide_no_rsample": {
         **one_weight(), "meanfield": Refused(r"'meanfield' needs reparameterized guide sites"),
         "dreg": Refused(r"guide factor 'f' has has_rsample=False"),
-        "stl": Refused(r"guide factor 'f' has has_rsample=False")},
+        "stl": Refused(r"guide factor 'f' has has_rsample=False"),
+        "piwae": Refused(r"guide factor 'f' has has_rsample=False")},
     "mean_field": one_weight(),
     "mean_field_mask_true": one_weight(),
     "mean_field_mask_false": one_weight(),
@@ -326,7 +351,7 @@ ROWS = {
     # the group's scale 10 multiplies its terms, not q(x): each weight is
     # log Σ_x q(x) w(x)^10, which no Pyro estimator computes (conformance_models.py)
     "enumerate_chain_scaled": {**enumerated_guide(), "iwae": Exact(3), "renyi": Exact(3),
-                               "vimco": Exact(3)},
+                               "vimco": Exact(3), "miwae": Exact(3), "ciwae": Exact(3)},
     # a guide site (x) and a model site (y) enumerated outside plate "data": the additive
     # objectives (and any at K = 1) follow TraceEnum_ELBO; at K > 1 the local particles would
     # share them, refused
@@ -429,7 +454,8 @@ def pass_rates() -> dict:
 
 def outcome_counts() -> dict:
     """How many (program, objective) cells end in each outcome, per objective and in all."""
-    kind = {Same: "a: same as Pyro", Exact: "b: exact within 3 SE", Refused: "c: refused"}
+    kind = {Same: "a: same as Pyro", Mixed: "a: same as Pyro", Exact: "b: exact within 3 SE",
+            Refused: "c: refused"}
     per_objective = {objective: Counter() for objective in OBJECTIVE_NAMES}
     for (name, objective), outcome in OUTCOMES.items():
         per_objective[objective][kind[type(outcome)]] += 1
@@ -459,6 +485,8 @@ def float64_validated():
 def _objective(name: str, particles: int):
     if name == "renyi":
         return make_objective(name, particles, alpha=RENYI_ALPHA)
+    if name == "ciwae":
+        return make_objective(name, particles, elbo_weight=CIWAE_ELBO_WEIGHT)
     return make_objective(name, particles)
 
 
@@ -658,17 +686,42 @@ def _assert_same_gradients(actual, expected, what):
 
 
 # -- the three outcomes ------------------------------------------------------------------------
+def reference_of(case, program, outcome: Same):
+    """The value and gradients of the reference that ``outcome`` names."""
+    k = outcome.reference_particles or outcome.particles
+    if outcome.reference == "stl":
+        return stl_reference(case, program)
+    if outcome.reference == "dreg":
+        return dreg_reference(case, program, k)
+    value, grads, _ = run_pyro(outcome.reference, k, case, program, alpha=outcome.alpha)
+    return value, grads
+
+
 def check_same(case, program, objective, outcome: Same):
     value, grads, _ = run_objective(objective, outcome.particles, program)
     k = outcome.reference_particles or outcome.particles
-    if outcome.reference == "stl":
-        expected_value, expected_grads = stl_reference(case, program)
-    elif outcome.reference == "dreg":
-        expected_value, expected_grads = dreg_reference(case, program, k)
-    else:
-        expected_value, expected_grads, _ = run_pyro(outcome.reference, k, case, program,
-                                                     alpha=outcome.alpha)
+    expected_value, expected_grads = reference_of(case, program, outcome)
     what = f"{case.name} × {objective} (K={outcome.particles}) vs {outcome.reference} (K={k})"
+    _assert_close(value, expected_value, VALUE_RTOL, what + ": differentiable_loss")
+    _assert_same_gradients(grads, expected_grads, what)
+    loss_value = run_objective_loss(objective, outcome.particles, program)
+    _assert_close(loss_value, expected_value, VALUE_RTOL, what + ": loss()")
+
+
+def check_mixed(case, program, objective, outcome: Mixed):
+    value, grads, _ = run_objective(objective, outcome.particles, program)
+    weight = CIWAE_ELBO_WEIGHT
+    elbo_value, elbo_grads = reference_of(case, program, outcome.elbo)
+    iwae_value, iwae_grads = reference_of(case, program, outcome.iwae)
+    expected_value = weight * elbo_value + (1 - weight) * iwae_value
+    expected_grads = {}
+    for name in set(elbo_grads) | set(iwae_grads):
+        first, second = elbo_grads.get(name), iwae_grads.get(name)
+        first = torch.zeros_like(second) if first is None else first
+        second = torch.zeros_like(first) if second is None else second
+        expected_grads[name] = weight * first + (1 - weight) * second
+    what = (f"{case.name} × {objective} (K={outcome.particles}) vs {weight} × "
+            f"{outcome.elbo.reference} + {1 - weight} × {outcome.iwae.reference}")
     _assert_close(value, expected_value, VALUE_RTOL, what + ": differentiable_loss")
     _assert_same_gradients(grads, expected_grads, what)
     loss_value = run_objective_loss(objective, outcome.particles, program)
@@ -755,6 +808,8 @@ def test_conformance(name, objective):
     program = case.build()
     if isinstance(outcome, Same):
         check_same(case, program, objective, outcome)
+    elif isinstance(outcome, Mixed):
+        check_mixed(case, program, objective, outcome)
     elif isinstance(outcome, Exact):
         check_exact(case, program, objective, outcome)
     else:
@@ -781,10 +836,12 @@ K1_PROGRAMS = ["plate_full", "inner_outer", "data_plate_subsample", "nuisance_gl
 
 
 @pytest.mark.parametrize("name,objective", [(n, o) for n in K1_PROGRAMS
-                                            for o in ("iwae", "renyi", "vimco", "dreg")])
+                                            for o in ("iwae", "renyi", "vimco", "dreg", "miwae",
+                                                      "ciwae", "piwae")])
 def test_one_particle_is_the_elbo_without_a_particle_dimension(name, objective):
-    """K = 1: iwae, renyi and vimco are Trace_ELBO (one particle) in value and gradients;
-    dreg is stl's path gradient (the identity w̃ = 1)."""
+    """K = 1: iwae, renyi, vimco, miwae, ciwae and piwae are Trace_ELBO (one particle) in
+    value and gradients (piwae adds back the direct term of log q that its stopped weights
+    drop); dreg is stl's path gradient (the identity w̃ = 1)."""
     case = CASES[name]
     program = case.build()
     value, grads, _ = run_objective(objective, 1, program)

@@ -36,11 +36,11 @@ def _same_weights(a, b):
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _fit(digits, out, epochs):
+def _fit(digits, out, epochs, **options):
     pyro.set_rng_seed(0)
     vae = VAE(digits.data_shape, **TINY)
     return fit(vae, digits, "iwae", particles=3, epochs=epochs, out=out, progress=False,
-               device="cpu")
+               device="cpu", **options)
 
 
 def test_resume_is_bit_for_bit_equal_to_an_uninterrupted_run(digits, tmp_path):
@@ -52,6 +52,19 @@ def test_resume_is_bit_for_bit_equal_to_an_uninterrupted_run(digits, tmp_path):
     assert _same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "resumed"))
     with pytest.raises(pyro_vae.PyroVAEError, match="already trained 4 epochs"):
         resume(tmp_path / "resumed", epochs=4, device="cpu", progress=False)
+
+
+def test_resume_under_a_learning_rate_schedule_is_bit_for_bit(digits, tmp_path):
+    """The rate is a function of the epoch: a run resumed at epoch 3 of the burda schedule (its
+    second stage) continues exactly as the uninterrupted run."""
+    _fit(digits, tmp_path / "straight", 5, lr_schedule="burda")
+    _fit(digits, tmp_path / "resumed", 2, lr_schedule="burda")
+    resume(tmp_path / "resumed", epochs=5, device="cpu", progress=False)
+    assert _metrics(tmp_path / "straight") == _metrics(tmp_path / "resumed")
+    assert _same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "resumed"))
+    # and the schedule changed something: a constant rate ends elsewhere
+    _fit(digits, tmp_path / "constant", 5)
+    assert not _same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "constant"))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -139,3 +139,30 @@ def test_evaluate_posterior_means_are_the_guides_closed_form_means(digits, guide
     vae.eval()
     with torch.no_grad():
         assert torch.equal(means, vae.encode(digits.test).mean)
+
+
+def test_the_burda_schedule_sets_each_epochs_learning_rate():
+    """lr·10^(−i/7) for 3^i epochs: epoch 1 at lr, epochs 2–4 at lr·10^(−1/7), epoch 5 at
+    lr·10^(−2/7); the optimizer holds that rate during the epoch."""
+    from pyro_vae.callbacks import Callback
+    from pyro_vae.config import scheduled_lr
+
+    assert [scheduled_lr(1.0, "burda", e) for e in (1, 2, 4, 5, 13, 14)] == pytest.approx(
+        [1.0, 10 ** (-1 / 7), 10 ** (-1 / 7), 10 ** (-2 / 7), 10 ** (-2 / 7), 10 ** (-3 / 7)])
+    assert scheduled_lr(1.0, "burda", 3280) == scheduled_lr(1.0, "burda", 10 ** 6) == \
+        pytest.approx(0.1)
+    assert scheduled_lr(0.5, "constant", 99) == 0.5
+
+    class Rates(Callback):
+        def __init__(self):
+            self.rates = []
+
+        def on_epoch_end(self, trainer, row):
+            self.rates.append(trainer.optimizer.param_groups[0]["lr"])
+
+    rates = Rates()
+    x = torch.rand(40, 6)
+    fit(VAE(6, 2, hidden=(4,)), x, "elbo", epochs=5, batch_size=40, lr=0.01,
+        lr_schedule="burda", progress=False, callbacks=[rates])
+    assert rates.rates == pytest.approx([0.01] + [0.01 * 10 ** (-1 / 7)] * 3
+                                        + [0.01 * 10 ** (-2 / 7)])
