@@ -173,6 +173,10 @@ def train_and_score(spec: Spec, settings: dict) -> dict:
             (run_dir / "metrics.jsonl").exists() and _finished(run_dir, spec.epochs):
         model = pyro_vae.load_run(run_dir, settings["device"], model=model).vae
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    elif (run_dir / "checkpoint.pt").exists():  # an interrupted run of this spec: go on
+        result = pyro_vae.resume(run_dir, epochs=spec.epochs, device=settings["device"],
+                                 progress=False, model=model)
+        model, history = result.vae, result.history
     else:
         if run_dir.exists():
             import shutil

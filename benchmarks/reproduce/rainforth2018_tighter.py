@@ -47,7 +47,7 @@ NAMES = {"iwae": "1L-iwae-k64", "miwae": "1L-miwae-8x8", "piwae": "1L-piwae-8x8"
 
 
 def main() -> None:
-    args = common.arguments(__doc__.splitlines()[0], budget=4, full_budget=3280)
+    args = common.arguments(__doc__.splitlines()[0], budget=2, full_budget=3280)
     started = time.perf_counter()
     probe = {"estimators": [[["iwae"], [64], {}], [["miwae", "piwae"], [8], {"groups": 8}]],
              "batch": 20, "repeats": 100}

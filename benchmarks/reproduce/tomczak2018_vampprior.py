@@ -36,7 +36,7 @@ def specs(args) -> list[common.Spec]:
 
 
 def main() -> None:
-    args = common.arguments(__doc__.splitlines()[0], budget=30, full_budget=2000)
+    args = common.arguments(__doc__.splitlines()[0], budget=5, full_budget=2000)
     started = time.perf_counter()
     rows = common.run_specs(specs(args), args)
     wall = time.perf_counter() - started
