@@ -261,7 +261,14 @@ def run_specs(specs: list[Spec], args, *, progress: Callable[[str], None] = prin
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
         futures = {pool.submit(train_and_score, spec, settings): spec for spec in specs}
         for future in concurrent.futures.as_completed(futures):
-            row = future.result()
+            try:
+                row = future.result()
+            except Exception as exc:  # a model that fails is reported, not the whole table lost
+                spec = futures[future]
+                row = {"name": spec.name, "spec": asdict(spec), "failed": f"{exc}"}
+                progress(f"{spec.name}: FAILED: {exc}")
+                rows[row["name"]] = row
+                continue
             rows[row["name"]] = row
             progress(_line(row, started))
     return {spec.name: rows[spec.name] for spec in specs}
@@ -359,4 +366,14 @@ def write(name: str, args, *, title: str, table: str, claims: list[dict], rows: 
 
 
 def fmt(row: dict | None) -> str:
+    if row is not None and "failed" in row:
+        return "failed (see the claims)"
     return "—" if row is None else f"{row['nll']:.2f} ± {row['nll_se']:.2f}"
+
+
+def failed(rows: dict, *names: str) -> str | None:
+    """The error of the first of ``names`` whose training failed, else ``None``."""
+    for name in names:
+        if "failed" in rows[name]:
+            return f"{name} failed: {rows[name]['failed']}"
+    return None
