@@ -677,24 +677,25 @@ class PIWAE(MIWAE):
       whose signal-to-noise ratio is :math:`O(\sqrt{M/K})` instead of IWAE_MK's
       :math:`O(1/\sqrt{MK})`.
 
-    Implementation, one backward pass, without telling the two programs' parameters apart:
-    :math:`\theta` enters only :math:`\log p(x, z)`, :math:`\phi` only through :math:`z` (the
-    path) and :math:`\log q` directly. The weights are scored with :math:`\log q` stopped (as for
-    ``dreg``), so the IWAE_MK bound gives :math:`\theta` its gradient and each latent value
-    :math:`a_{m,k}\,\partial \log w_{m,k} / \partial z_{m,k}`; a gradient hook on each local latent
-    value multiplies it by :math:`b_{m,k}/a_{m,k} = \exp(\operatorname{logsumexp}_{\text{all}}
-    - \operatorname{logsumexp}_{\text{group } m} - \log M)` (independent of :math:`w_{m,k}`, so
-    stable), on an alias through which only the weights read the latents (a later site drawn
-    given an earlier one is chained through unweighted, as for ``dreg``). The direct term is
+    Implementation, without telling the two programs' parameters apart: :math:`\theta` enters
+    only :math:`\log p(x, z)`, :math:`\phi` only through :math:`z` (the path) and :math:`\log q`
+    directly. The weights are scored with :math:`\log q` stopped (as for ``dreg``), so the
+    IWAE_MK bound gives :math:`\theta` its gradient and each latent value
+    :math:`a_{m,k}\,\partial \log w_{m,k} / \partial z_{m,k}`, on an alias through which only the
+    weights read the latents (a later site drawn given an earlier one is chained through
+    unweighted, as for ``dreg``). Each latent value :math:`z` (local, and global ones shared by
+    the M·K particles) then gets the difference to MIWAE's share through a zero-valued term
+    :math:`v \cdot z`, :math:`v = \partial_z \sum (b - a) \log w` (one extra backward pass, from
+    the weights to the latent values). The ratio :math:`b_{m,k}/a_{m,k}` is never formed: in
+    float32 it overflows once a group lies about 88 nats below the best one, while
+    :math:`a` and :math:`b` themselves stay in [0, 1]. The direct term is
     added with zero value, :math:`-\beta\sum b_{m,k} \log q_\phi(\bar z_{m,k} \mid x)` with
     :math:`\bar z` detached and :math:`\phi` live
     (:meth:`~pyro_vae.log_weights.LogWeights.direct_log_guide`); a ``pyro.factor`` of the guide,
     scored live, is reweighted from :math:`a` to :math:`b` the same way. Global latents (outside
-    plate "data") are drawn once and shared by the M·K local particles, with the ELBO's
-    gradient on their own terms; their part in the local weights gets :math:`b`: through the
-    local guide directly (scored given the live globals) and, for the model's direct dependence
-    on them, by a zero-valued term :math:`\sum_g v_g \cdot g`,
-    :math:`v_g = \partial_g \sum (b - a) \log w` (one extra backward pass, only then).
+    plate "data") are drawn once with the ELBO's gradient on their own terms; their part in
+    the local weights gets :math:`b` through the local guide directly (scored given the live
+    globals) and through the term above for the model's direct dependence on them.
     A parameter read by both programs gets the model's share from IWAE_MK and the guide's from
     MIWAE. PIWAE(1, K) is IWAE_K in value and gradient.
     """
@@ -711,7 +712,6 @@ class PIWAE(MIWAE):
             return value
         detached = log_w.detach()
         grouped = self._grouped(detached)
-        every = torch.logsumexp(detached, 0)                       # [batch]
         group = torch.logsumexp(grouped, 1, keepdim=True)          # [M, 1, batch]
         b = (grouped - group).exp().reshape(detached.shape) / self.groups
         direct_local, _ = weights.direct_log_guide()
@@ -721,20 +721,17 @@ class PIWAE(MIWAE):
             factor = weights.guide_factors[0]
             if factor is not None:
                 correction = correction - self.beta * ((b - a) * factor).sum(0)
-            shared = [site.value for site in weights.sites.values()
-                      if not site.local and site.value.requires_grad]
-            if shared and log_w.requires_grad:
-                grads = torch.autograd.grad(((b - a) * log_w).sum(), shared, retain_graph=True,
+            # the latent values receive a·∂log w/∂z from the IWAE_MK value; the guide wants
+            # b·∂log w/∂z: the difference, ∂_z Σ (b − a) log w, is added through a zero-valued
+            # term v·z (one extra backward pass to the latent values; never a ratio b/a, which
+            # overflows in float32 once a group lies ~88 nats below the others)
+            values = [site.value for site in weights.sites.values() if site.value.requires_grad]
+            if values and log_w.requires_grad:
+                grads = torch.autograd.grad(((b - a) * log_w).sum(), values, retain_graph=True,
                                             allow_unused=True)
-                for grad, global_value in zip(grads, shared):
+                for grad, latent in zip(grads, values):
                     if grad is not None:
-                        correction = correction + (grad * global_value).sum() / log_w.shape[-1]
-            ratio = (every - group - math.log(self.groups)).exp()
-            ratio = ratio.expand(grouped.shape).reshape(detached.shape)
-            for site in weights.sites.values():
-                if site.local and site.value.requires_grad:
-                    scale = site.per_particle(ratio)
-                    site.value.register_hook(lambda grad, scale=scale: grad * scale)
+                        correction = correction + (grad * latent).sum() / log_w.shape[-1]
         return value + (correction - correction.detach())
 
     def global_surrogate(self, weights: LogWeights) -> torch.Tensor | None:

@@ -223,6 +223,39 @@ def test_piwae_gradients_are_iwae_mk_for_the_model_and_miwae_for_the_guide(trace
             assert not torch.allclose(miwae_grads[name], iwae_grads[name], rtol=1e-3)
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["fast-path", "traced"])
+def test_piwae_gradients_stay_finite_when_a_group_lies_far_below_the_others(traced):
+    """In float32, with a guide much wider than the posterior: the groups' log mean weights
+    differ by hundreds of nats, so IWAE_MK's coefficient a of a whole group underflows to 0
+    while MIWAE's b does not. The gradients are still IWAE_MK's and MIWAE's (the hand-written
+    ones, float32 on the same draws)."""
+    groups, k = 4, 4
+    params, x, vae = _plain_problem()
+    params = {name: value.float() for name, value in params.items()}
+    params["encoder_bias"][LATENT_DIM:] += 25.0  # σ(x) ≈ 25: z lands far out in the prior
+    with torch.no_grad():
+        vae.encoder.linear.bias.copy_(params["encoder_bias"])
+    x = x.float()
+    pyro.set_rng_seed(3)
+    zero = torch.zeros(x.shape[0], LATENT_DIM)
+    eps = torch.distributions.Normal(zero, 1.0).rsample((groups * k,))
+    with torch.no_grad():
+        grouped = _plain_log_weights(params, x, eps).reshape(groups, k, -1)
+        group_bounds = torch.logsumexp(grouped, 1)
+        spread = (group_bounds.max(0).values - group_bounds.min(0).values).max()
+    assert spread > 200.0  # exp(spread) overflows float32: the case the test is about
+    value, grads = _package_gradients(vae, make_objective("piwae", k, groups=groups), x, 3,
+                                      traced)
+    iwae_value, iwae_grads = _reference_gradients(_iwae, params, x, eps)
+    _, miwae_grads = _reference_gradients(lambda w: _miwae(w, groups), params, x, eps)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert value == pytest.approx(iwae_value, rel=1e-5)
+    for names, expected in ((DECODER, iwae_grads), (ENCODER, miwae_grads)):
+        for name in names:
+            assert torch.allclose(grads[name], expected[name], rtol=1e-4, atol=1e-3), \
+                (name, grads[name], expected[name])
+
+
 @pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("traced", [False, True], ids=["fast-path", "traced"])
 @pytest.mark.parametrize("name,options,bound", [
