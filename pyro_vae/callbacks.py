@@ -101,20 +101,32 @@ class DivergenceStop(Callback):
 
 
 class MetricsWriter(Callback):
-    """Appends each epoch's row to ``metrics.jsonl`` and rewrites ``weights.pt``."""
+    """Appends each epoch's row to ``metrics.jsonl`` and rewrites ``weights.pt``: the row and
+    the weights are taken now, and written (atomically, fsync'ed) by the trainer's background
+    writer while training goes on; a callback added to the run sees them on disk in its own
+    ``on_epoch_end``."""
 
     def on_epoch_end(self, trainer, row: dict[str, Any]) -> None:
         if trainer.run_dir is not None:
-            runs.append_metrics(trainer.run_dir, row)
-            runs.save_weights(trainer.run_dir, trainer.vae)
+            run_dir, row = trainer.run_dir, dict(row)
+            weights = runs.serialized({k: v.detach().cpu()
+                                       for k, v in trainer.vae.state_dict().items()})
+            trainer.write_later(lambda: runs.append_metrics(run_dir, row))
+            trainer.write_later(lambda: runs.write_bytes(run_dir / runs.WEIGHTS_FILE, weights))
 
 
 class Checkpointer(Callback):
-    """Writes ``checkpoint.pt`` at the end of every epoch (every rank takes part: the ranks'
-    random-number states are gathered into it)."""
+    """Writes ``checkpoint.pt`` at the end of an epoch when it is due
+    (``trainer.checkpoint_due()``): after the run's first epoch, then once ``checkpoint_every``
+    seconds (config) have passed since the last checkpoint; 0 checkpoints every epoch. The
+    trainer always checkpoints the end of training, and :class:`SignalStop` a signal's stop.
+    A run killed between checkpoints (SIGKILL, a power cut) resumes from the last one and
+    replays the epochs after it exactly: at most the interval of work is lost. Every rank takes
+    part (the ranks' random-number states are gathered into the checkpoint)."""
 
     def on_epoch_end(self, trainer, row: dict[str, Any]) -> None:
-        trainer.save_checkpoint()
+        if trainer.checkpoint_due():
+            trainer.save_checkpoint()
 
 
 class SignalStop(Callback):

@@ -184,6 +184,12 @@ def _same_kind(saved: Any, live: Any) -> bool:
     return True
 
 
+#: Adam's choice of implementation, not of the update: a checkpoint written by another one (an
+#: older pyro-vae's default Adam: ``None``) is restored with its own, and the run continues as
+#: it trained
+_IMPLEMENTATION_KEYS = ("foreach", "fused")
+
+
 def _groups_mismatch(saved: list[dict], live: list[dict]) -> str | None:
     """Why the saved parameter groups cannot replace the live optimizer's (their number, a
     missing hyperparameter, one of another type), or ``None``."""
@@ -192,6 +198,8 @@ def _groups_mismatch(saved: list[dict], live: list[dict]) -> str | None:
     for group, own in zip(saved, live):
         for key, value in own.items():
             if key == "params":
+                continue
+            if key in _IMPLEMENTATION_KEYS and group.get(key, None) in (None, True, False):
                 continue
             if key not in group:
                 return f"its parameter group has no {key!r}"

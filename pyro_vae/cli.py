@@ -3,6 +3,11 @@
 
 Every error a user can cause ends with one line on stderr (``pyro-vae: error: …``) and exit
 status 2; no traceback, and no run directory is left behind by a run that could not start.
+
+Building the parser and parsing the arguments import neither torch nor Pyro (nor ArviZ or
+matplotlib): ``--help`` and usage errors answer at once, and each command imports what its
+work needs. Only a plug-in (``--import``, or an installed entry point) may bring torch in
+earlier.
 """
 
 from __future__ import annotations
@@ -15,9 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .lvm import device_of
 from . import config
-from .errors import ConfigError, PyroVAEError
+from .errors import ConfigError, PyroVAEError, TrainingInterrupted
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -37,8 +41,6 @@ _finite_float = _flag(config.FINITE)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import SPLITS
-
     parser = _Parser(prog="pyro-vae", description="Variational autoencoders as Pyro "
                      "model/guide pairs: train, evaluate and sample.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add_scoring_arguments(command: argparse.ArgumentParser, data_help: str) -> None:
         """The flags of the commands that score a trained run on a split with K particles."""
         command.add_argument("--data", metavar="NAME|PATH", help=data_help)
-        command.add_argument("--split", choices=SPLITS, default="test")
+        command.add_argument("--split", choices=config.SPLITS, default="test")
         command.add_argument("--particles", type=_positive_int, default=1000, metavar="K")
         command.add_argument("--seed", type=_integer, default=0, metavar="S")
         command.add_argument("--json", action="store_true", help="print one JSON object")
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="gradient draws per objective × K (default 100)")
     compare.add_argument("--batch-size", type=_positive_int, default=64, metavar="B",
                          help="datapoints in the fixed comparison batch (default 64)")
-    compare.add_argument("--split", choices=SPLITS, default="val")
+    compare.add_argument("--split", choices=config.SPLITS, default="val")
     compare.add_argument("--pretrain-epochs", type=_non_negative_int, default=0, metavar="E",
                          help="train a fresh model with elbo for E epochs first (default 0)")
     compare.add_argument("--json", action="store_true", help="print a JSON list of rows")
@@ -139,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     explore.add_argument("run_dir", metavar="RUN_DIR")
     explore.add_argument("--out", metavar="DIR", help="where the figures go (default RUN_DIR/explore)")
     explore.add_argument("--data", metavar="NAME|PATH", help="default: the run's data")
-    explore.add_argument("--split", choices=SPLITS, default="test")
+    explore.add_argument("--split", choices=config.SPLITS, default="test")
     explore.add_argument("--particles", type=_positive_int, default=1000, metavar="K",
                          help="importance samples for the anomaly scores (default 1000)")
     explore.add_argument("--top", type=_positive_int, default=32, metavar="N",
@@ -206,7 +208,7 @@ def _likelihood_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from .training import resume
+    from .training import _resume_run
 
     allowed = {"resume", "epochs", "device", "quiet", "eval_particles", "command", "threads",
                "tensorboard", "data", "imports"}
@@ -220,16 +222,16 @@ def _resume(args: argparse.Namespace) -> int:
         raise ConfigError("--dry-run checks a new run's configuration; it does not apply to "
                           "--resume")
     started = time.perf_counter()
-    result = resume(args.resume, epochs=args.epochs, device=args.device or "auto",
-                    progress=not args.quiet, callbacks=_tracking(args.tensorboard),
-                    data=args.data)
+    result = _resume_run(args.resume, epochs=args.epochs, device=args.device or "auto",
+                         progress=not args.quiet, callbacks=_tracking(args.tensorboard),
+                         data=args.data, background_figures=True)
     if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
         return _finish_distributed()
     last = result.history[-1]
     print(f"resumed and trained to epoch {last['epoch']} in {time.perf_counter() - started:.1f} s; "
           f"validation ELBO {last['val_elbo']:.3f} nats per datapoint")
     particles = config.DEFAULTS["eval_particles"] if args.eval_particles is None else args.eval_particles
-    _final_evaluation(result, result.dataset, particles)
+    _evaluate_while_drawing(result, result.dataset, particles)
     print(f"run directory: {result.run_dir}")
     return _finish_distributed()
 
@@ -289,6 +291,7 @@ def _test_accuracy(model, dataset) -> float | None:
     import torch
 
     from . import lvm
+    from .lvm import device_of
 
     labels = dataset.split_labels("test")
     if not lvm.has(model, "classify") or labels is None or len(labels) == 0:
@@ -312,8 +315,24 @@ def _latent_units(model, summary: dict) -> Any:
     return "+".join(str(v) for v in by_site.values()) if by_site else "?"
 
 
+def _evaluate_while_drawing(result, dataset, particles: int) -> None:
+    """The final evaluation while a background thread writes the run's figures (started by
+    training, :func:`pyro_vae.training.write_figures`). The figures are waited for in any case;
+    an error of theirs (a full disk) is raised once the evaluation has ended, and an error of
+    the evaluation (an interrupt) is the one reported when both fail."""
+    try:
+        _final_evaluation(result, dataset, particles)
+    except BaseException:
+        try:
+            result.wait_for_figures()
+        except Exception:  # noqa: BLE001 - the evaluation's own error is reported
+            pass
+        raise
+    result.wait_for_figures()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import check_only, fit
+    from .training import _fit, check_only
 
     if args.resume:
         return _resume(args)
@@ -329,14 +348,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                              f"{time.strftime('%Y%m%d-%H%M%S')}")
     started = time.perf_counter()
     training = {option.name: options[option.name] for option in config.TRAINING}
-    result = fit(vae, dataset, out=out, progress=not args.quiet,
-                 callbacks=_tracking(options["tensorboard"]), **training)
+    # the figures are drawn by a background thread during the final evaluation
+    result = _fit(vae, dataset, out=out, progress=not args.quiet,
+                  callbacks=_tracking(options["tensorboard"]), background_figures=True,
+                  **training)
     if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
         return _finish_distributed()
     last = result.history[-1]
     print(f"trained {options['epochs']} epochs in {time.perf_counter() - started:.1f} s; "
           f"validation ELBO {last['val_elbo']:.3f} nats per datapoint")
-    _final_evaluation(result, dataset, int(options["eval_particles"]))
+    _evaluate_while_drawing(result, dataset, int(options["eval_particles"]))
     print(f"run directory: {result.run_dir}")
     return _finish_distributed()
 
@@ -394,6 +415,7 @@ def _names(text: str, flag: str) -> list[str]:
 
 def cmd_compare_estimators(args: argparse.Namespace) -> int:
     from .estimators import compare_estimators, comparison_figure, format_table, parse_estimator
+    from .lvm import device_of
     from .runs import load_run
     from .training import check_compatible, fit, labels_for, resolve_device
 
@@ -690,7 +712,6 @@ def _main(argv: list[str]) -> int:
     import warnings
 
     from . import plugins
-    from .training import TrainingInterrupted
 
     command = next((item for item in argv if not item.startswith("-")), "pyro-vae")
     with warnings.catch_warnings(record=True) as caught:

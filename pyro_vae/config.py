@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import tomllib
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
@@ -194,38 +195,70 @@ def flag_type(kind: Kind) -> Callable[[str], Any]:
     return convert
 
 
+# The built-in names of each catalogue, in the catalogue's order, kept here so that the
+# schema's choices (the command line's parser, its --help and its usage errors) need neither
+# torch nor Pyro: the catalogues live in modules that import them. tests/test_startup.py checks
+# each tuple against its catalogue, so the two cannot drift apart.
+
+#: The priors of :data:`pyro_vae.models.priors.PRIORS`.
+BUILTIN_PRIORS = ("normal", "learned-normal", "laplace", "studentt", "mog", "vamp", "flow",
+                  "categorical", "relaxed-categorical")
+#: The likelihoods of :data:`pyro_vae.models.likelihoods.LIKELIHOODS`.
+BUILTIN_LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "beta", "categorical", "normal",
+                       "laplace", "poisson", "negative-binomial")
+#: The guide families of :data:`pyro_vae.guides.posteriors.POSTERIORS`.
+BUILTIN_GUIDES = ("normal", "full-rank", "flow", "categorical", "relaxed-categorical")
+#: The network kinds of :data:`pyro_vae.networks.NETWORKS`.
+BUILTIN_NETWORKS = ("mlp", "linear", "conv")
+#: The activations of :data:`pyro_vae.networks.ACTIVATIONS`.
+BUILTIN_ACTIVATIONS = ("relu", "tanh", "softplus", "elu", "gelu", "silu", "leaky-relu")
+#: The objectives of :data:`pyro_vae.objectives.OBJECTIVES`.
+BUILTIN_OBJECTIVES = ("elbo", "meanfield", "iwae", "renyi", "dreg", "stl", "vimco", "miwae",
+                      "ciwae", "piwae")
+#: The models of :data:`pyro_vae.lvm.MODELS`.
+BUILTIN_MODELS = ("vae", "hierarchical", "mixture", "m2")
+#: The splits of a data set (:data:`pyro_vae.data.SPLITS`).
+SPLITS = ("train", "val", "test", "all")
+
+
+def _catalogue(module: str, attribute: str, builtin: Sequence[str]) -> list[str]:
+    """The names of the catalogue ``attribute`` of the submodule ``module``, in its order.
+
+    Read from the catalogue itself once its module is imported: a plug-in that registers a
+    name (:func:`pyro_vae.register`) imports it, so its names are among the choices. A
+    catalogue whose module was never imported holds only the built-in names, which are given
+    without importing it (and torch with it)."""
+    loaded = sys.modules.get(f"{__package__}.{module}")
+    names = getattr(loaded, attribute, None) if loaded is not None else None
+    return list(builtin if names is None else names)
+
+
 def _choice(names: Callable[[], Iterable[str]]) -> Callable[[], list[str]]:
     return lambda: sorted(names())
 
 
-def _priors():
-    from .models.priors import PRIORS
-    return PRIORS
+def _priors() -> list[str]:
+    return _catalogue("models.priors", "PRIORS", BUILTIN_PRIORS)
 
 
-def _likelihoods():
-    from .models.likelihoods import LIKELIHOODS
-    return LIKELIHOODS
+def _likelihoods() -> list[str]:
+    return _catalogue("models.likelihoods", "LIKELIHOODS", BUILTIN_LIKELIHOODS)
 
 
-def _posteriors():
-    from .guides.posteriors import POSTERIORS
-    return POSTERIORS
+def _posteriors() -> list[str]:
+    return _catalogue("guides.posteriors", "POSTERIORS", BUILTIN_GUIDES)
 
 
-def _networks():
-    from .networks import NETWORKS
-    return NETWORKS
+def _networks() -> list[str]:
+    return _catalogue("networks", "NETWORKS", BUILTIN_NETWORKS)
 
 
-def _activations():
-    from .networks import ACTIVATIONS
-    return ACTIVATIONS
+def _activations() -> list[str]:
+    return _catalogue("networks", "ACTIVATIONS", BUILTIN_ACTIVATIONS)
 
 
-def _models():
-    from .lvm import MODELS
-    return MODELS
+def _models() -> list[str]:
+    return _catalogue("lvm", "MODELS", BUILTIN_MODELS)
 
 
 #: The learning-rate schedules of ``lr_schedule``.
@@ -251,9 +284,8 @@ def scheduled_lr(lr: float, schedule: str, epoch: int) -> float:
     return lr * 10 ** (-stage / 7)
 
 
-def _objectives():
-    from .objectives import OBJECTIVES
-    return list(OBJECTIVES)
+def _objectives() -> list[str]:
+    return _catalogue("objectives", "OBJECTIVES", BUILTIN_OBJECTIVES)
 
 
 @dataclass(frozen=True)
@@ -374,6 +406,9 @@ def _options() -> tuple[Option, ...]:
           "read the loss back (progress, divergence check, tracking) every N steps", "N"),
         O("val_particles", POSITIVE_INT, 1, "training",
           "particles of the validation ELBO after every epoch", "K"),
+        O("checkpoint_every", NON_NEGATIVE, 30.0, "training", "write checkpoint.pt at the end "
+          "of an epoch once S seconds have passed since the last one (always after the first "
+          "epoch and the last, and on SIGINT/SIGTERM); 0: after every epoch", "S"),
         # run: what the command line does around fit
         O("out", STRING, None, "run",
           "run directory (default: runs/<data>-<objective>-<time>)", "DIR", optional=True),

@@ -484,14 +484,56 @@ def from_array(array: np.ndarray | torch.Tensor, name: str = "array",
     )
 
 
-def load_digits(split_seed: int = SPLIT_SEED) -> Dataset:
-    """scikit-learn's 1,797 8×8 handwritten digits, grey levels 0..16 scaled to [0, 1]."""
+#: Where scikit-learn ships the digits, inside its package folder
+_DIGITS_FILE = ("datasets", "data", "digits.csv.gz")
+
+
+def _digits_file() -> Path | None:
+    """scikit-learn's bundled ``digits.csv.gz``, found without importing scikit-learn (whose
+    import takes seconds), or ``None``."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("sklearn")  # a top-level package: found, not imported
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or ()) if spec is not None else ():
+        path = Path(folder).joinpath(*_DIGITS_FILE)
+        if path.is_file():
+            return path
+    return None
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The digits as ``sklearn.datasets.load_digits()`` gives them: ``images`` ``[1797, 8, 8]``
+    (grey levels 0..16, float64) and ``target`` (int). Read with numpy from the file that
+    scikit-learn ships, as scikit-learn itself reads it (``np.loadtxt`` on the decompressed
+    CSV), without importing scikit-learn; through scikit-learn where that file is not found or
+    not readable."""
+    import gzip
+
+    path = _digits_file()
+    if path is not None:
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as stream:
+                table = np.loadtxt(stream, delimiter=",")
+        except (OSError, EOFError, ValueError):
+            table = None
+        if table is not None and table.ndim == 2 and table.shape[1] == 65:
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int, copy=False)
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
-    images = (bunch.images / 16.0).astype(np.float32)[:, None]  # [N, 1, 8, 8]
-    dataset = from_array(images, name="digits", labels=bunch.target, split_seed=split_seed)
-    labels = np.asarray(bunch.target, np.int64)
+    return bunch.images, bunch.target
+
+
+def load_digits(split_seed: int = SPLIT_SEED) -> Dataset:
+    """scikit-learn's 1,797 8×8 handwritten digits, grey levels 0..16 scaled to [0, 1]
+    (read without importing scikit-learn: :func:`digits_arrays`)."""
+    images, target = digits_arrays()
+    images = (images / 16.0).astype(np.float32)[:, None]  # [N, 1, 8, 8]
+    dataset = from_array(images, name="digits", labels=target, split_seed=split_seed)
+    labels = np.asarray(target, np.int64)
     dataset.source = {"fingerprint": _fingerprint_arrays(images, labels)}
     return dataset
 

@@ -536,6 +536,31 @@ def evaluate(vae, data: torch.Tensor | Dataset, particles: int = 1000, *, split:
     return evaluation
 
 
+@torch.no_grad()
+def elbo_per_datapoint(vae, x_all, labels: torch.Tensor | None, particles: int = 1, *,
+                       batch_size: int = 256, seed: int = 0,
+                       memory_budget: int | None = None) -> torch.Tensor:
+    """The per-datapoint ELBO of :func:`evaluate` (``evaluate(...).elbo``: the same particles,
+    the same numbers) on the CPU, from one pass that computes nothing else (no log-likelihood,
+    ESS, reconstruction term or posterior means): the validation ELBO after every epoch of
+    training. ``x_all`` is a ``[N, D]`` tensor or memory-mapped rows, already checked against
+    the model, with the model's ``labels`` (or ``None``)."""
+    device = device_of(vae)
+    x_all = x_all.to(device)
+    labels = None if labels is None else labels.to(device)
+    plan = memory_plan(vae, x_all, labels, particles, batch_size, memory_budget)
+    rows = []
+    for _, x, _, chunks in scored_batches(vae, x_all, labels, particles, batch_size, seed,
+                                          plan=plan):
+        sum_w = torch.zeros(x.shape[0], device=device)
+        for weights in chunks:
+            sum_w += (weights.expected_total() if weights.has_guide_enumeration
+                      else weights.total()).sum(0)
+            del weights
+        rows.append(sum_w / particles)
+    return torch.cat(rows).cpu()
+
+
 #: The identity log p(x) = ELBO + KL(q ‖ p(z|x)) holds on the same particles up to float
 #: rounding: a residual above this share of the magnitude of log p(x) (plus this much) means a
 #: model whose exact posterior or log-density is inconsistent.

@@ -1,14 +1,17 @@
 """Figures written to a run directory: reconstructions, samples, and the loss curves.
 
 Every figure is written atomically (:func:`pyro_vae.runs.atomic_write`): a full disk or a crash
-leaves the previous figure, never an empty or torn PNG."""
+leaves the previous figure, never an empty or torn PNG.
+
+matplotlib and torchvision are imported when a figure is drawn, not with this module; the files
+are drawn without pyplot (a :class:`matplotlib.figure.Figure` saved through the Agg canvas), so
+they can be written from a background thread (:func:`pyro_vae.training.write_figures`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib.pyplot as plt
 import torch
 
 
@@ -52,10 +55,18 @@ def save_samples(vae, path: str | Path, n: int = 64) -> Path:
     return _save_image(sample_grid(vae, n), path)
 
 
-def loss_figure(history: list[dict]) -> plt.Figure:
-    """Training loss and validation ELBO (nats per datapoint) against the epoch."""
-    epochs = [row["epoch"] for row in history]
+def loss_figure(history: list[dict]) -> "Figure":
+    """Training loss and validation ELBO (nats per datapoint) against the epoch (a pyplot
+    figure: shown by a notebook; :func:`save_loss` draws the same without pyplot)."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    _draw_loss(fig, ax, history)
+    return fig
+
+
+def _draw_loss(fig, ax, history: list[dict]) -> None:
+    epochs = [row["epoch"] for row in history]
     ax.plot(epochs, [-row["train_loss"] for row in history], label="train bound (−loss)")
     ax.plot(epochs, [row["val_elbo"] for row in history], label="validation ELBO")
     ax.set_xlabel("epoch")
@@ -63,21 +74,21 @@ def loss_figure(history: list[dict]) -> plt.Figure:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return fig
 
 
 def save_loss(history: list[dict], path: str | Path) -> Path:
-    """:func:`loss_figure` saved (atomically) to ``path``."""
+    """:func:`loss_figure` saved (atomically) to ``path``; drawn on a figure of its own, not
+    through pyplot (no global figure state: safe in any thread, and nothing to close)."""
+    from matplotlib.figure import Figure
+
     from .runs import atomic_write
 
     path = Path(path)
-    fig = loss_figure(history)
-    try:
-        suffix = path.suffix.lower().lstrip(".")
-        fmt = suffix if suffix in fig.canvas.get_supported_filetypes() else "png"
-        atomic_write(path, lambda stream: fig.savefig(stream, format=fmt, dpi=100))
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(6, 3.5))
+    _draw_loss(fig, fig.add_subplot(), history)
+    suffix = path.suffix.lower().lstrip(".")
+    fmt = suffix if suffix in fig.canvas.get_supported_filetypes() else "png"
+    atomic_write(path, lambda stream: fig.savefig(stream, format=fmt, dpi=100))
     return path
 
 
@@ -99,12 +110,19 @@ def reconstruction_grid(vae, x: torch.Tensor, n: int = 32,
                         labels: torch.Tensor | None = None) -> torch.Tensor:
     """The image of :func:`save_reconstructions` (originals above their reconstructions) as a
     ``[3, H, W]`` tensor in [0, 1]."""
+    return image_grid(reconstruction_rows(vae, x, n, labels), _data_shape(vae), nrow=8)
+
+
+def reconstruction_rows(vae, x: torch.Tensor, n: int = 32,
+                        labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's part of :func:`reconstruction_grid`: the first ``n`` datapoints and their
+    reconstructions, in alternating rows of 8 (``[2n, D]``)."""
     x = x[:n]
     recon = vae.reconstruct(x) if labels is None else vae.reconstruct(x, labels[:n])
     rows = []
     for start in range(0, x.shape[0], 8):
         rows.extend([x[start:start + 8], recon[start:start + 8]])
-    return image_grid(torch.cat(rows), _data_shape(vae), nrow=8)
+    return torch.cat(rows)
 
 
 def sample_grid(vae, n: int = 64) -> torch.Tensor:

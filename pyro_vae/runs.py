@@ -17,12 +17,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import numbers
 import os
+import queue
 import re
 import stat
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -139,6 +142,75 @@ def save_weights(run_dir: Path, vae: torch.nn.Module) -> None:
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     """Write the training state atomically: a crash mid-write leaves the previous one intact."""
     atomic_write(Path(run_dir) / CHECKPOINT_FILE, lambda s: torch.save(state, s))
+
+
+def serialized(state: Any) -> bytes:
+    """``torch.save(state)`` as bytes: a snapshot, taken now, that another thread can write."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda stream: stream.write(data))
+
+
+class BackgroundWriter:
+    """Writes a run's files in order on a thread of its own, so that their fsyncs (milliseconds
+    each on most disks, three files every epoch) overlap training instead of pausing it.
+
+    ``submit(job)`` queues a function that writes (atomically, as every run file is written);
+    the jobs run one at a time in the order submitted. After one fails, those queued after it
+    are dropped (nothing is written after a failure: a full disk keeps the last complete
+    files) and its error is raised, once, on the submitting thread by the next ``submit`` or
+    ``wait``. ``wait`` returns once every queued job has run; ``close`` also stops the thread
+    (it is not a daemon: a process never exits with a write half done)."""
+
+    def __init__(self):
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._failed = False
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if not self._failed:
+                    job()
+            except BaseException as exc:  # handed to the submitting thread
+                self._failed, self._error = True, exc
+            finally:
+                self._jobs.task_done()
+
+    def _raise(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def submit(self, job) -> None:
+        self._raise()
+        if self._failed:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="pyro-vae run files")
+            self._thread.start()
+        self._jobs.put(job)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._jobs.join()
+        self._raise()
+
+    def close(self) -> None:
+        """Run what is queued and stop the thread; an error is kept for :meth:`wait`."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
 
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:

@@ -7,7 +7,8 @@ performs, with three choices that make it fast:
 
 - Pyro's argument/support validation runs on the first step only (bad input is caught there),
   then is switched off;
-- one Adam optimizer over all of the VAE's parameters;
+- one Adam optimizer over all of the VAE's parameters, torch's fused implementation where the
+  device has one (:func:`make_optimizer`);
 - the loss is read back to the host every ``log_every`` steps, not every step.
 
 Everything around the steps (progress, the divergence stop, ``metrics.jsonl``, checkpoints,
@@ -24,6 +25,7 @@ import inspect
 import math
 import os
 import shutil
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -43,15 +45,17 @@ from .checks import (as_dataset, check_compatible, check_free_space, dry_run, la
 from .config import TrainConfig
 from .data import Dataset, LazyRows
 from .errors import ConfigError, TrainingError, TrainingInterrupted
-from .evaluation import evaluate
+from .evaluation import elbo_per_datapoint
 from .log_weights import log_weights
 from .objectives import make_objective
 
 __all__ = ["Trainer", "FitResult", "TrainConfig", "TrainingError", "TrainingInterrupted", "fit",
            "resume", "resolve_device", "check_compatible", "labels_for", "as_dataset",
-           "dry_run", "write_figures", "checkpoint_processes"]
+           "dry_run", "write_figures", "FigureWriter", "checkpoint_processes"]
 
 _HOOKS = ("on_fit_start", "on_loss", "on_step_end", "on_epoch_end", "on_fit_end")
+#: the clock of the checkpoint interval (``checkpoint_every``); a test replaces it
+_clock = time.monotonic
 
 
 @dataclass
@@ -64,6 +68,19 @@ class FitResult:
     run_dir: Path | None = None
     #: the data trained on (on the training device)
     dataset: Dataset | None = None
+    #: the figures while a background thread writes them (the command line's run), else None
+    figures: "FigureWriter | None" = None
+
+    def wait_for_figures(self) -> None:
+        """Return once the run's figures are written (at once unless a background thread is
+        writing them); raises what writing them raised (a full disk: ``OSError``)."""
+        writer, self.figures = self.figures, None
+        if writer is not None:
+            writer.wait()
+
+
+def _overrides(callback: Callback, hook: str) -> bool:
+    return getattr(type(callback), hook) is not getattr(Callback, hook)
 
 
 def _checked(callbacks: Sequence[Callback]) -> list[Callback]:
@@ -91,21 +108,31 @@ class Trainer:
         self.vae, self.config, self.objective = vae, config, objective
         self.device, self.run_dir, self.context = device, run_dir, context
         self.run_config = run_config or {}
-        self.callbacks = [*default_callbacks(progress), *_checked(callbacks)]
-        # each hook's overriding methods, looked up once (the loop calls them every step)
-        self._hooks = {hook: [getattr(c, hook) for c in self.callbacks
-                              if getattr(type(c), hook) is not getattr(Callback, hook)]
+        own = default_callbacks(progress)
+        self.callbacks = [*own, *_checked(callbacks)]
+        # each hook's overriding methods, looked up once (the loop calls them every step):
+        # the run's own callbacks', then the user's
+        self._hooks = {hook: ([getattr(c, hook) for c in own if _overrides(c, hook)],
+                              [getattr(c, hook) for c in self.callbacks[len(own):]
+                               if _overrides(c, hook)])
                        for hook in _HOOKS}
+        #: writes metrics.jsonl, weights.pt and checkpoint.pt in the background (rank 0)
+        self._files = runs.BackgroundWriter()
         pyro.set_rng_seed(config.seed + context.rank)
         vae.to(device)
         self.dataset = dataset.to(device)
-        self.optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
+        self.optimizer = make_optimizer(vae.parameters(), config.lr)
         self.loss_module = distributed.wrap(vae, objective, context)
         self.order_generator = torch.Generator().manual_seed(config.seed)
         self.state = LoopState() if checkpoint is None else load_state(
             checkpoint, vae, self.optimizer, self.order_generator, context,
             num_train=len(self.dataset.train),
             where=str(run_dir / runs.CHECKPOINT_FILE) if run_dir is not None else "the checkpoint")
+        #: (epoch, position, step) of the state that checkpoint.pt holds; None before the first
+        self.checkpointed: tuple[int, int, int] | None = (
+            None if checkpoint is None
+            else (self.state.epoch, self.state.position, self.state.step))
+        self._checkpoint_time = _clock()  # the interval counts from the start of training
         self.history = list(history or [])
         self.num_data = self.dataset.train.shape[0]
         self.steps_per_epoch = math.ceil(self.num_data / config.batch_size)
@@ -131,8 +158,23 @@ class Trainer:
         return order.pin_memory() if self._pin else order
 
     def _emit(self, hook: str, *args) -> None:
-        for method in self._hooks[hook]:
+        own, users = self._hooks[hook]
+        for method in own:
             method(self, *args)
+        if users and hook == "on_epoch_end":
+            self.wait_for_files()  # a user's callback sees the epoch's files on disk
+        for method in users:
+            method(self, *args)
+
+    def write_later(self, job) -> None:
+        """Queue ``job`` (a function that writes a file of the run directory) on the background
+        writer; raises the error of an earlier write that failed (:class:`~pyro_vae.runs.
+        BackgroundWriter`)."""
+        self._files.submit(job)
+
+    def wait_for_files(self) -> None:
+        """Return once every queued file is written; raises the error of a write that failed."""
+        self._files.wait()
 
     def save_checkpoint(self, mid_epoch: bool = False) -> None:
         """Write ``checkpoint.pt`` (rank 0, or the one process). Every rank calls this at the
@@ -142,16 +184,39 @@ class Trainer:
             self.state.loss_sum = float(self.context.all_sum(self._loss_sum))
         rank_states = self.context.rng_states()
         if self.run_dir is not None:
-            runs.save_checkpoint(self.run_dir, state_dict(self.vae, self.optimizer, self.state,
-                                                          self.order_generator, rank_states))
+            # the state is serialized now; the writer thread writes and fsyncs it
+            data = runs.serialized(state_dict(self.vae, self.optimizer, self.state,
+                                              self.order_generator, rank_states))
+            path = self.run_dir / runs.CHECKPOINT_FILE
+            self.write_later(lambda: runs.write_bytes(path, data))
+        self.checkpointed = (self.state.epoch, self.state.position, self.state.step)
+        self._checkpoint_time = _clock()
+
+    def checkpoint_due(self) -> bool:
+        """Whether the end of this epoch is checkpointed: at the end of the run's first epoch
+        (the run can be resumed from then on), and then once ``config.checkpoint_every``
+        seconds have passed since the last checkpoint (0: every epoch). The end of training is
+        always checkpointed (:meth:`run`), and a signal's stop too (``SignalStop``). Under
+        torchrun the ranks agree (any rank's clock decides: a collective)."""
+        every = self.config.checkpoint_every
+        if self.checkpointed is None or not every:
+            return True
+        due = _clock() - self._checkpoint_time >= every
+        if self.context.distributed:
+            flag = torch.tensor([int(due)], dtype=torch.int64, device=self.device)
+            due = bool(self.context.all_sum(flag) > 0)
+        return due
 
     def divergence_message(self, value: float) -> str:
         """The one line that stops a run whose loss became ``value`` (not finite)."""
         x, y = self.batch
         term = _nonfinite_term(self.vae, x, y, self.num_data)
         state = self.state
-        kept = (f"; the last good checkpoint (end of epoch {state.epoch - 1}) is kept in "
-                f"{self.run_dir}" if self.run_dir is not None and state.epoch > 1 else "")
+        kept = ""
+        if self.run_dir is not None and self.checkpointed is not None:
+            epoch, position, step = self.checkpointed
+            at = f"end of epoch {epoch - 1}" if position == 0 else f"epoch {epoch}, step {step}"
+            kept = f"; the last good checkpoint ({at}) is kept in {self.run_dir}"
         return (f"the loss became {value} at step {state.step} (epoch {state.epoch}): {term}"
                 f"{kept}; try a smaller --lr")
 
@@ -175,6 +240,7 @@ class Trainer:
             error = exc
             raise
         finally:
+            self._files.close()  # every queued file written (an error was raised, or is moot)
             self._emit("on_fit_end", error)
         return self.history
 
@@ -239,6 +305,9 @@ class Trainer:
             state.epoch, state.order, state.position, state.loss_sum = state.epoch + 1, None, 0, 0.0
             self._loss_sum = None
             self._emit("on_epoch_end", row)
+        if self.checkpointed != (state.epoch, state.position, state.step):
+            self.save_checkpoint()  # the end of training is always checkpointed
+        self.wait_for_files()  # a failed write (a full disk) is reported here at the latest
 
 
 def _fit_signature() -> inspect.Signature:
@@ -275,10 +344,25 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor,
     Every epoch records the training loss per datapoint (the negative bound being optimized),
     the validation ELBO per datapoint and the wall-clock time; with ``out`` the run directory
     receives ``config.json``, ``metrics.jsonl`` (one line per epoch), ``weights.pt`` (rewritten
-    every epoch) and, at the end, ``reconstructions.png``, ``samples.png`` and ``loss.png``.
+    every epoch), ``checkpoint.pt`` (after the first epoch, then once ``checkpoint_every``
+    seconds have passed since the last one, and at the end; see
+    :class:`~pyro_vae.callbacks.Checkpointer`) and, at the end, ``reconstructions.png``,
+    ``samples.png`` and ``loss.png``.
 
     All input is checked before the run directory is created.
     """
+    return _fit(vae, data, objective, out=out, progress=progress, callbacks=callbacks,
+                extra_config=extra_config, **options)
+
+
+def _fit(vae, data: Dataset | str | Path | torch.Tensor,
+         objective: str = schema.BY_NAME["objective"].default, *, out: str | Path | None = None,
+         progress: bool = True, callbacks: Sequence[Callback] = (),
+         extra_config: dict | None = None, background_figures: bool = False,
+         **options: Any) -> FitResult:
+    """:func:`fit`; with ``background_figures`` the figures are written by a thread
+    (:func:`write_figures`) while the caller goes on (the command line's final evaluation):
+    ``FitResult.wait_for_figures`` joins it."""
     callbacks = _checked(callbacks)  # before any run directory exists
     config, dataset, loss_fn, context = _prepare(vae, data, objective, options)
     torch_device = context.device
@@ -315,10 +399,12 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor,
                 if not existed:
                     shutil.rmtree(run_dir, ignore_errors=True)
             raise
+        figures = None
         if run_dir is not None:
-            write_figures(vae, dataset.to(torch_device), history, run_dir)
+            figures = write_figures(vae, dataset.to(torch_device), history, run_dir,
+                                    background=background_figures)
     return FitResult(vae=vae, history=history, config=full_config, run_dir=run_dir,
-                     dataset=dataset.to(torch_device))
+                     dataset=dataset.to(torch_device), figures=figures)
 
 
 fit.__signature__ = _fit_signature()
@@ -361,18 +447,27 @@ def resume(run_dir: str | Path, epochs: int | None = None, device: str = "auto",
     data are the run's own, checked against the size and SHA-256 it recorded; ``data`` finds
     them elsewhere when the run or the file has moved. ``model`` is a fresh instance of the
     run's model, for one that its config cannot rebuild (see :func:`pyro_vae.load_run`)."""
+    return _resume_run(run_dir, epochs, device, progress, callbacks, data, model=model)
+
+
+def _resume_run(run_dir: str | Path, epochs: int | None = None, device: str = "auto",
+                progress: bool = True, callbacks: Sequence[Callback] = (),
+                data: str | Path | None = None, *, model: Any = None,
+                background_figures: bool = False) -> FitResult:
+    """:func:`resume`; ``background_figures`` as for :func:`_fit`."""
     run = runs.load_run(run_dir, model=model)
     # another process training or resuming this run is refused before anything is written
     with runs.lock_run(run.path) if _is_main_process() else nullcontext():
         runs.clean_temporary_files(run.path)
-        return _resume(run, epochs, device, progress, callbacks, data)
+        return _resume(run, epochs, device, progress, callbacks, data, background_figures)
 
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _resume(run, epochs, device, progress, callbacks, data) -> FitResult:
+def _resume(run, epochs, device, progress, callbacks, data,
+            background_figures: bool = False) -> FitResult:
     checkpoint = runs.load_checkpoint(run.path, vae=run.vae)
     processes = checkpoint_processes(checkpoint)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -421,10 +516,12 @@ def _resume(run, epochs, device, progress, callbacks, data) -> FitResult:
         runs.write_metrics(run_dir, history)  # drop a row written after the checkpoint, if any
         runs.write_config(run_dir, full_config)
     history = trainer.run()
+    figures = None
     if run_dir is not None:
-        write_figures(vae, dataset.to(torch_device), history, run_dir)
+        figures = write_figures(vae, dataset.to(torch_device), history, run_dir,
+                                background=background_figures)
     return FitResult(vae=vae, history=history, config=full_config, run_dir=run_dir,
-                     dataset=dataset.to(torch_device))
+                     dataset=dataset.to(torch_device), figures=figures)
 
 
 def _nonfinite_term(vae, x, y, num_data: int) -> str:
@@ -446,10 +543,15 @@ def _validation_elbo(vae, dataset: Dataset, particles: int, epoch: int,
 
     Under torchrun each rank scores a contiguous part of the split (its own seed) and the sums
     Σ ELBO, Σ ELBO² and the count are all-reduced: every rank gets the same two numbers for
-    1/N of the work. In one process this is ``evaluate`` on the split with ``seed=epoch``."""
+    1/N of the work. In one process this is ``evaluate``'s ELBO and its standard error on the
+    split with ``seed=epoch``, the same numbers, from one pass that computes nothing else
+    (:func:`~pyro_vae.evaluation.elbo_per_datapoint`)."""
     if not context.distributed:
-        val = evaluate(vae, dataset, split="val", particles=particles, seed=epoch)
-        return val.summary["elbo"], val.summary["elbo_se"]
+        labels = labels_for(vae, dataset, "val")
+        elbo = elbo_per_datapoint(vae, dataset.rows("val"), labels, particles, seed=epoch)
+        n = elbo.shape[0]
+        se = float(elbo.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
+        return float(elbo.mean()), se
     rows = dataset.rows("val")
     part = torch.arange(len(rows)).tensor_split(context.world_size)[context.rank]
     totals = torch.zeros(3, dtype=torch.float64, device=context.device)
@@ -458,9 +560,9 @@ def _validation_elbo(vae, dataset: Dataset, particles: int, epoch: int,
         shard = (LazyRows(rows.array, rows.index[lo:hi], rows.device)
                  if isinstance(rows, LazyRows) else rows[lo:hi])
         labels = labels_for(vae, dataset, "val")
-        elbo = evaluate(vae, shard, particles=particles,
-                        labels=None if labels is None else labels[lo:hi],
-                        seed=epoch * context.world_size + context.rank).elbo.double()
+        elbo = elbo_per_datapoint(vae, shard, None if labels is None else labels[lo:hi],
+                                  particles, seed=epoch * context.world_size + context.rank
+                                  ).double()
         totals = torch.stack([elbo.sum(), elbo.pow(2).sum(),
                               torch.tensor(float(len(elbo)), dtype=torch.float64)]).to(totals)
     total, squares, n = (float(t) for t in context.all_sum(totals))
@@ -469,18 +571,76 @@ def _validation_elbo(vae, dataset: Dataset, particles: int, epoch: int,
     return mean, math.sqrt(variance / n)
 
 
-def write_figures(vae, dataset: Dataset, history: list[dict], run_dir: Path) -> None:
+def write_figures(vae, dataset: Dataset, history: list[dict], run_dir: Path, *,
+                  background: bool = False) -> "FigureWriter | None":
     """``reconstructions.png`` (validation data) and ``samples.png`` where the model can
-    reconstruct and sample (:mod:`pyro_vae.lvm`), and ``loss.png``."""
+    reconstruct and sample (:mod:`pyro_vae.lvm`), and ``loss.png``.
+
+    The model's outputs (reconstructions, prior samples) are computed here, on the caller's
+    thread, under a random state forked and seeded with 0. Turning them into files (torchvision's
+    grids and PNG encoding, matplotlib's loss curves: seconds of imports and drawing) needs
+    neither the model nor a random state: with ``background`` it runs in a thread, and the
+    :class:`FigureWriter` returned joins it (``wait``); otherwise it runs here and ``None`` is
+    returned."""
     from . import plots
 
     device = device_of(vae)
     image = lvm.has(vae, "data_shape") or lvm.has(vae, "data_dim")
+    shape = plots._data_shape(vae) if image else ()
+    grids = []  # (images [n, D] on the CPU, file, images per row)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         if image and lvm.has(vae, "reconstruct"):
-            plots.save_reconstructions(vae, dataset.val, run_dir / "reconstructions.png",
-                                       labels=labels_for(vae, dataset, "val"))
+            rows = plots.reconstruction_rows(vae, dataset.val,
+                                             labels=labels_for(vae, dataset, "val"))
+            grids.append((rows.detach().cpu(), run_dir / "reconstructions.png", 8))
         if image and lvm.has(vae, "sample"):
-            plots.save_samples(vae, run_dir / "samples.png")
-    plots.save_loss(history, run_dir / "loss.png")
+            grids.append((vae.sample(64).detach().cpu(), run_dir / "samples.png", 8))
+    rows = [dict(row) for row in history]
+
+    def draw() -> None:
+        for images, path, per_row in grids:
+            plots.save_grid(images, shape, path, nrow=per_row)
+        plots.save_loss(rows, run_dir / "loss.png")
+
+    if not background:
+        draw()
+        return None
+    return FigureWriter(draw)
+
+
+class FigureWriter:
+    """A run's figures being written by a background thread (:func:`write_figures`). The thread
+    is not a daemon: the process waits for it before it exits, so a figure is never left half
+    written; :meth:`wait` joins it and raises what writing the figures raised."""
+
+    def __init__(self, draw):
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._draw, args=(draw,),
+                                        name="pyro-vae figures")
+        self._thread.start()
+
+    def _draw(self, draw) -> None:
+        try:
+            draw()
+        except BaseException as exc:  # handed to the thread that waits
+            self._error = exc
+
+    def wait(self) -> None:
+        """Block until the figures are written; raise (once) the error that writing them met."""
+        self._thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+
+def make_optimizer(parameters, lr: float) -> torch.optim.Optimizer:
+    """The one Adam over all of a model's parameters: torch's fused implementation where the
+    parameters' device has one (CPU, CUDA: a few kernels per step instead of a dozen small
+    operations per parameter tensor; the same update up to float rounding), the default
+    implementation elsewhere."""
+    parameters = list(parameters)
+    try:
+        return torch.optim.Adam(parameters, lr=lr, fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.Adam(parameters, lr=lr)

@@ -237,3 +237,46 @@ def test_evaluation_uses_one_fixed_binarization_recorded_in_the_run(idx_root, tm
     other = load_run(out).data().test
     assert not torch.equal(other, first.test)
     assert torch.equal(other, load_run(out).data().test)
+
+
+# -- the bundled digits, read without importing scikit-learn -----------------------------------
+
+def test_the_digits_read_from_the_file_equal_scikit_learns_exactly():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from pyro_vae import data
+
+    assert data._digits_file() is not None  # the file that scikit-learn ships was found
+    images, target = data.digits_arrays()
+    bunch = sklearn_digits()
+    assert images.dtype == bunch.images.dtype and target.dtype == bunch.target.dtype
+    assert np.array_equal(images, bunch.images) and np.array_equal(target, bunch.target)
+    # and reading them (the whole data set, split) does not import scikit-learn
+    code = ("import sys; from pyro_vae import load_data; d = load_data('digits'); "
+            "print(len(d.train) + len(d.val) + len(d.test), 'sklearn' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["1797", "False"], done.stderr
+
+
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_the_digits_come_through_scikit_learn_where_the_file_is_not_there(monkeypatch, tmp_path,
+                                                                         damage):
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from pyro_vae import data
+
+    from_file = data.load_digits().source["fingerprint"]
+    if damage == "missing":
+        monkeypatch.setattr(data, "_digits_file", lambda: None)
+    else:
+        broken = tmp_path / "digits.csv.gz"
+        broken.write_bytes(b"not gzip")
+        monkeypatch.setattr(data, "_digits_file", lambda: broken)
+    images, target = data.digits_arrays()
+    bunch = sklearn_digits()
+    assert np.array_equal(images, bunch.images) and np.array_equal(target, bunch.target)
+    assert data.load_digits().source["fingerprint"] == from_file  # the same recorded data

@@ -22,7 +22,10 @@ from pyro_vae.callbacks import Callback
 from pyro_vae.cli import main
 from pyro_vae.errors import TrainingError
 
-OPTIONS = dict(epochs=3, batch_size=500, device="cpu", progress=False, seed=4)
+# checkpoint_every=0: every epoch writes each kind of file (the default interval, 30 s, would
+# checkpoint after the first epoch and the last only), so "epoch 2's write" exists for each
+OPTIONS = dict(epochs=3, batch_size=500, device="cpu", progress=False, seed=4,
+               checkpoint_every=0.0)
 
 
 def _vae(digits):
@@ -79,6 +82,22 @@ def test_a_full_disk_during_training_stops_cleanly_and_the_run_resumes_exactly(
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
     assert _same(result.vae.state_dict(), reference)
     assert [row["epoch"] for row in runs.read_metrics(out)] == [1, 2, 3]
+
+
+def test_a_full_disk_at_the_final_checkpoint_keeps_the_first_and_the_run_resumes_exactly(
+        digits, reference, tmp_path, monkeypatch):
+    """Under the default interval the run writes two checkpoints, after the first epoch and at
+    the end; the end's fails: epoch 1's is kept, and the resumed run replays epochs 2 and 3."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(runs, "atomic_write", _FullDiskAt("checkpoint.pt", nth=2))
+    with pytest.raises(TrainingError, match="the disk is full"):
+        fit(_vae(digits), digits, out=out, **{**OPTIONS, "checkpoint_every": 30.0})
+    monkeypatch.undo()
+    assert [row["epoch"] for row in runs.read_metrics(out)] == [1, 2, 3]
+    assert runs.load_checkpoint(out)["epoch"] == 2
+    result = resume(out, device="cpu", progress=False)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert _same(result.vae.state_dict(), reference)
 
 
 def test_a_full_disk_while_writing_the_figures_is_one_line_and_plot_writes_them_again(

@@ -128,6 +128,46 @@ def test_a_kill_mid_write_keeps_the_previous_file_and_load_run_removes_the_tempo
     runs.load_checkpoint(run_dir)
 
 
+def test_the_background_writer_runs_jobs_in_order_and_stops_at_the_first_failure(tmp_path):
+    writer = runs.BackgroundWriter()
+    done = []
+
+    def fail():
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    for job in (lambda: done.append(1), lambda: done.append(2), fail, lambda: done.append(3)):
+        writer.submit(job)
+    with pytest.raises(OSError, match="No space left"):
+        writer.wait()
+    assert done == [1, 2]  # nothing written after the failure
+    writer.submit(lambda: done.append(4))  # the error was raised once; later jobs are dropped
+    writer.wait()
+    writer.close()
+    assert done == [1, 2]
+
+
+def test_a_callback_sees_each_epochs_files_on_disk_and_weights_keep_their_format(
+        digits, tmp_path):
+    from pyro_vae.callbacks import Callback
+
+    seen = []
+
+    class Look(Callback):
+        def on_epoch_end(self, trainer, row):
+            lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+            weights = torch.load(trainer.run_dir / "weights.pt", weights_only=True)
+            seen.append((json.loads(lines[-1])["epoch"], len(lines), all(
+                torch.equal(weights[k], v) for k, v in trainer.vae.state_dict().items())))
+
+    pyro.set_rng_seed(0)
+    vae = VAE(digits.data_shape, **TINY)
+    fit(vae, digits, epochs=3, batch_size=500, out=tmp_path / "run", progress=False,
+        device="cpu", callbacks=[Look()])
+    assert seen == [(1, 1, True), (2, 2, True), (3, 3, True)]
+    runs.save_weights(tmp_path, vae)  # the synchronous writer of the same state
+    assert (tmp_path / "weights.pt").read_bytes() == (tmp_path / "run" / "weights.pt").read_bytes()
+
+
 # -- 2. file modes ---------------------------------------------------------------------------
 
 def test_run_files_get_the_mode_that_open_would_give(tmp_path, digits):

@@ -166,3 +166,99 @@ def test_the_burda_schedule_sets_each_epochs_learning_rate():
         lr_schedule="burda", progress=False, callbacks=[rates])
     assert rates.rates == pytest.approx([0.01] + [0.01 * 10 ** (-1 / 7)] * 3
                                         + [0.01 * 10 ** (-2 / 7)])
+
+
+# -- the trainer's fast paths: fused Adam, the validation pass, figures in the background ------
+
+def test_the_fused_adam_step_matches_the_default_step_within_float_rounding(digits):
+    """The trainer's optimizer (torch's fused Adam on this device) against the default
+    implementation over 50 steps from the same parameters and gradients."""
+    from pyro_vae.objectives import make_objective
+    from pyro_vae.training import make_optimizer
+
+    first, second = _small_vae(digits, 3), _small_vae(digits, 3)
+    initial = [p.detach().clone() for p in first.parameters()]
+    fused = make_optimizer(first.parameters(), 1e-3)
+    assert fused.param_groups[0]["fused"] is True
+    default = torch.optim.Adam(second.parameters(), lr=1e-3)
+    loss_fn = make_objective("elbo", 1)
+    with pyro.validation_enabled(False):
+        for step in range(50):
+            x = digits.train[(step % 10) * 128:(step % 10 + 1) * 128]
+            for vae, optimizer in ((first, fused), (second, default)):
+                torch.manual_seed(step)
+                optimizer.zero_grad()
+                loss_fn.differentiable_loss(vae.model, vae.guide, x, num_data=1437).backward()
+                optimizer.step()
+    for (name, a), b, start in zip(first.named_parameters(), second.parameters(), initial):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+        assert (a - start).abs().max() > 1e-3, name  # each one moved: the comparison is real
+
+
+def test_a_checkpoint_of_the_default_adam_resumes_with_it_bit_for_bit(digits, tmp_path,
+                                                                    monkeypatch):
+    """A run checkpointed by an older pyro-vae (the default Adam: ``fused`` None) resumes with
+    that implementation, exactly as it would have continued."""
+    from pyro_vae import resume, runs, training
+
+    def default_adam(parameters, lr):
+        return torch.optim.Adam(list(parameters), lr=lr)
+
+    options = dict(epochs=4, batch_size=500, device="cpu", progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "make_optimizer", default_adam)
+        straight = fit(_small_vae(digits), digits, out=tmp_path / "straight", **options)
+        fit(_small_vae(digits), digits, out=tmp_path / "old", **{**options, "epochs": 2})
+    assert runs.load_checkpoint(tmp_path / "old")["optimizer"]["param_groups"][0]["fused"] is None
+    resumed = resume(tmp_path / "old", epochs=4, device="cpu", progress=False)
+    assert resumed.history[-1]["val_elbo"] == straight.history[-1]["val_elbo"]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.vae.state_dict().values(),
+                                                 straight.vae.state_dict().values()))
+
+
+@pytest.mark.parametrize("case", ["plain", "conditional", "iwae particles", "memory-mapped"])
+def test_the_validation_pass_gives_evaluates_elbo_exactly(digits, tmp_path, case):
+    import numpy as np
+
+    from pyro_vae import distributed
+    from pyro_vae.data import from_array
+    from pyro_vae.evaluation import elbo_per_datapoint
+    from pyro_vae.training import _validation_elbo
+
+    pyro.set_rng_seed(0)
+    dataset, particles = digits, 1
+    vae = VAE(digits.data_shape, 3, hidden=(16,), conditional=case == "conditional",
+              num_classes=10 if case == "conditional" else None)
+    if case == "iwae particles":
+        particles = 7
+    if case == "memory-mapped":
+        np.save(tmp_path / "x.npy", torch.cat([digits.train, digits.val, digits.test]).numpy())
+        dataset = from_array(np.load(tmp_path / "x.npy", mmap_mode="r"))
+    labels = dataset.split_labels("val") if case == "conditional" else None
+    elbo = elbo_per_datapoint(vae, dataset.rows("val"), labels, particles, seed=5)
+    full = evaluate(vae, dataset, split="val", particles=particles, seed=5)
+    assert torch.equal(elbo, full.elbo)
+    mean, se = _validation_elbo(vae, dataset, particles, 5, distributed.SINGLE)
+    assert (mean, se) == (full.summary["elbo"], full.summary["elbo_se"])
+
+
+def test_the_command_line_draws_the_figures_during_the_final_evaluation_as_fit_draws_them(
+        tmp_path):
+    """``pyro-vae train`` writes the figures from a background thread while it evaluates; they
+    are the files that drawing them in the foreground writes, byte for byte."""
+    from pyro_vae.training import write_figures
+
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "2", "--hidden", "16", "--latent-dim", "2", "--quiet",
+                 "--eval-particles", "5", "--device", "cpu", "--out", str(out)]) == 0
+    names = ("reconstructions.png", "samples.png", "loss.png")
+    assert all((out / name).stat().st_size > 0 for name in names)
+    assert (out / "evaluation.json").exists()
+    run = load_run(out)
+    again = tmp_path / "again"
+    again.mkdir()
+    assert write_figures(run.vae, run.data(), run.history, again) is None  # drawn here
+    for name in names:
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")
+                and p.name != ".lock"]  # no temporary file left behind
