@@ -394,6 +394,10 @@ def _options() -> tuple[Option, ...]:
           "KL floor in nats per latent dimension (elbo, meanfield)", "F"),
         O("epochs", POSITIVE_INT, 200, "training", "passes over the training split", "E"),
         O("batch_size", POSITIVE_INT, 128, "training", "datapoints per step", "B"),
+        O("labelled_batch", POSITIVE_INT, None, "training", "semi-supervised training with "
+          "stratified minibatches: every step takes N labelled rows (cycling through them) and "
+          "batch_size − N unlabelled ones, each part weighted by its own count; an epoch is a "
+          "pass over the unlabelled rows (default: uniform minibatches)", "N", optional=True),
         O("lr", POSITIVE, 1e-3, "training", "Adam's learning rate", "LR"),
         O("lr_schedule", STRING, "constant", "training", "the learning rate over the epochs: "
           "constant, or burda (lr·10^(−i/7) for 3^i epochs, i = 0…7; Burda et al. 2016)",

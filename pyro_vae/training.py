@@ -79,6 +79,26 @@ class FitResult:
             writer.wait()
 
 
+@dataclass
+class Strata:
+    """The training rows of stratified minibatches (``labelled_batch``)."""
+
+    #: ``[num_data]`` bool: which rows are unlabelled (where the epoch's order is read)
+    unlabelled: torch.Tensor
+    #: the indices of the labelled rows (host)
+    labelled_rows: torch.Tensor
+    #: unlabelled rows per step: ``batch_size − labelled_batch``
+    unlabelled_batch: int
+
+    @property
+    def num_labelled(self) -> int:
+        return len(self.labelled_rows)
+
+    @property
+    def num_unlabelled(self) -> int:
+        return len(self.unlabelled) - len(self.labelled_rows)
+
+
 def _overrides(callback: Callback, hook: str) -> bool:
     return getattr(type(callback), hook) is not getattr(Callback, hook)
 
@@ -148,10 +168,33 @@ class Trainer:
         streamed = isinstance(self.dataset.train, LazyRows)
         self._index_device = torch.device("cpu") if streamed else device
         self._pin = streamed and device.type == "cuda"
+        #: the labelled and unlabelled training rows of stratified minibatches, else None
+        self.strata: Strata | None = None
+        if config.labelled_batch is not None:
+            labelled = labels_for(vae, self.dataset, "train") >= 0
+            self.strata = Strata(
+                unlabelled=(~labelled).to(self._index_device),
+                labelled_rows=torch.nonzero(labelled.cpu()).flatten(),
+                unlabelled_batch=config.batch_size - config.labelled_batch)
+            self.steps_per_epoch = math.ceil(self.strata.num_unlabelled
+                                             / self.strata.unlabelled_batch)
         if self.state.order is not None:
             self.state.order = self._placed(self.state.order)
         if not context.is_main:
             self.state.loss_sum = 0.0  # the checkpoint's sum is every rank's: counted on rank 0
+
+    def _labelled_stream(self, epoch: int) -> torch.Tensor:
+        """The labelled rows of epoch ``epoch``'s stratified minibatches, ``labelled_batch`` per
+        step: permutations of the labelled rows one after another, enough for every step of the
+        epoch. Drawn from a generator seeded with the run's seed and the epoch, so that a run
+        resumed in mid-epoch draws them again exactly, with nothing added to the checkpoint."""
+        strata = self.strata
+        rows = strata.labelled_rows
+        generator = torch.Generator().manual_seed(self.config.seed * 2 ** 24 + epoch)
+        needed = self.steps_per_epoch * self.config.labelled_batch
+        stream = torch.cat([rows[torch.randperm(len(rows), generator=generator)]
+                            for _ in range(math.ceil(needed / len(rows)))])
+        return self._placed(stream)
 
     def _placed(self, order: torch.Tensor) -> torch.Tensor:
         order = order.to(self._index_device)
@@ -248,6 +291,7 @@ class Trainer:
         config, state, context = self.config, self.state, self.context
         train, num_data = self.dataset.train, self.num_data
         train_labels = labels_for(self.vae, self.dataset, "train")
+        strata = self.strata
         binarize = self.dataset.dynamic_binarization
         started = time.perf_counter()
         validate_next = True  # validate the first step of this process, then run fast
@@ -260,23 +304,41 @@ class Trainer:
                 state.order = self._placed(torch.randperm(num_data, generator=self.order_generator))
                 state.position, state.loss_sum = 0, 0.0
             self._loss_sum = loss_sum = torch.tensor(state.loss_sum, device=self.device)
-            while state.position < num_data:
-                global_batch = state.order[state.position:state.position + config.batch_size]
-                batch = context.shard(global_batch)
-                x = train[batch]
-                if binarize:
-                    x = torch.bernoulli(x)
-                y = (None if train_labels is None
-                     else train_labels[batch.to(self.device, non_blocking=True)])
-                self.batch = (x, y)
+            if strata is None:
+                stream, size, step_size = state.order, num_data, config.batch_size
+            else:  # the unlabelled rows in the epoch's order; the labelled ones cycled
+                stream = state.order[strata.unlabelled[state.order]]
+                size, step_size = strata.num_unlabelled, strata.unlabelled_batch
+                labelled_stream = self._labelled_stream(state.epoch)
+            while state.position < size:
+                global_batch = stream[state.position:state.position + step_size]
+                if strata is None:
+                    parts = ((context.shard(global_batch), num_data),)
+                else:
+                    at = (state.position // step_size) * config.labelled_batch
+                    parts = ((global_batch, strata.num_unlabelled),
+                             (labelled_stream[at:at + config.labelled_batch],
+                              strata.num_labelled))
                 if config.anneal_steps:
                     self.objective.beta = config.beta * min(1.0, state.step / config.anneal_steps)
-                if validate_next:
-                    with refusals("the first training step failed"), pyro.validation_enabled(True):
-                        loss = self.loss_module(x, y, num_data=num_data)
-                    validate_next = False
-                else:
-                    loss = self.loss_module(x, y, num_data=num_data)
+                loss, batches = None, []
+                for batch, count in parts:
+                    x = train[batch]
+                    if binarize:
+                        x = torch.bernoulli(x)
+                    y = (None if train_labels is None
+                         else train_labels[batch.to(self.device, non_blocking=True)])
+                    batches.append((x, y))
+                    if validate_next:
+                        with refusals("the first training step failed"), \
+                                pyro.validation_enabled(True):
+                            part = self.loss_module(x, y, num_data=count)
+                    else:
+                        part = self.loss_module(x, y, num_data=count)
+                    loss = part if loss is None else loss + part
+                validate_next = False
+                self.batch = batches[0] if len(batches) == 1 else (
+                    torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
                 # Every log_every steps the loss is read back (the only host sync), before the
                 # optimizer step, so a divergence is caught with the parameters intact.
                 if (state.step + 1) % config.log_every == 0 or state.step == 0:
@@ -287,11 +349,13 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
-                # The loss estimates the data set's total; weight by this batch's share.
-                loss_sum += loss.detach() * (x.shape[0] / num_data)
+                # The loss estimates the data set's total; weight by this batch's share of the
+                # epoch (of its unlabelled rows, with stratified minibatches).
+                loss_sum += loss.detach() * (batches[0][0].shape[0] / size)
                 state.position += global_batch.shape[0]
                 state.step += 1
                 self._emit("on_step_end")
+            # with stratified minibatches each step estimates the total over all rows too
             train_loss = float(context.all_sum(loss_sum)) / num_data
             if not math.isfinite(train_loss):  # a step between two readings diverged
                 raise TrainingError(self.divergence_message(train_loss))
@@ -422,9 +486,37 @@ def _prepare(vae, data, objective: str, options: dict[str, Any]):
                              free_bits=config.free_bits, alpha=config.alpha,
                              groups=config.groups, elbo_weight=config.elbo_weight)
     context = distributed.context_from_environment(resolve_device(config.device))
+    if config.labelled_batch is not None:
+        check_labelled_batch(vae, dataset, config, context.distributed)
     vae.to(context.device)
     dry_run(vae, loss_fn, dataset)
     return config, dataset, loss_fn, context
+
+
+def check_labelled_batch(vae, dataset: Dataset, config: TrainConfig,
+                         distributed_run: bool = False) -> None:
+    """Refuse, in one line, a ``labelled_batch`` that stratified minibatches cannot serve: a
+    model that is not semi-supervised, training labels that are not part hidden, a labelled
+    part not smaller than the batch or larger than the labelled rows, torchrun."""
+    count = config.labelled_batch
+    if not lvm.is_semi_supervised(vae):
+        raise ConfigError("labelled_batch applies to a semi-supervised model (--semi-supervised, "
+                          "M2), not this one")
+    labels = labels_for(vae, dataset, "train")
+    labelled = 0 if labels is None else int((labels >= 0).sum())
+    unlabelled = 0 if labels is None else len(labels) - labelled
+    if not labelled or not unlabelled:
+        raise ConfigError(f"labelled_batch needs training data with both labelled and unlabelled "
+                          f"rows (--labels-per-class); this data has {labelled} labelled and "
+                          f"{unlabelled} unlabelled")
+    if count >= config.batch_size:
+        raise ConfigError(f"labelled_batch {count} must be smaller than batch_size "
+                          f"{config.batch_size} (the rest of each batch is unlabelled)")
+    if count > labelled:
+        raise ConfigError(f"labelled_batch {count} exceeds the {labelled} labelled training "
+                          "datapoints")
+    if distributed_run:
+        raise ConfigError("labelled_batch is not supported under torchrun; drop it there")
 
 
 def check_only(vae, data: Dataset | str | Path | torch.Tensor,
@@ -502,6 +594,8 @@ def _resume(run, epochs, device, progress, callbacks, data,
                              free_bits=config.free_bits, alpha=config.alpha,
                              groups=config.groups, elbo_weight=config.elbo_weight)
     context = distributed.context_from_environment(resolve_device(config.device))
+    if config.labelled_batch is not None:
+        check_labelled_batch(vae, dataset, config, context.distributed)
     torch_device = context.device
     vae.to(torch_device)
     dry_run(vae, loss_fn, dataset)

@@ -23,7 +23,7 @@ NON_DEFAULT_TOML = {
     "groups": "3", "elbo_weight": "0.75",
     "anneal_steps": "11", "free_bits": "0.125", "epochs": "13", "batch_size": "17",
     "lr": "0.0025", "lr_schedule": '"burda"', "seed": "19", "device": '"cpu"', "log_every": "23", "val_particles": "2",
-    "checkpoint_every": "7.5",
+    "checkpoint_every": "7.5", "labelled_batch": "3",
     "out": '"runs/x"', "eval_particles": "29", "tensorboard": '"tb"',
     "model": '"mixture"', "labels_per_class": "10", "conditional_prior": "true",
     "semi_supervised": "true",

@@ -50,9 +50,14 @@ class Spec:
     #: data options: ``labels_per_class`` for the semi-supervised model
     data_options: dict = field(default_factory=dict)
     anneal_steps: int = 0
+    #: labelled rows per minibatch (stratified semi-supervised minibatches), or None: uniform
+    labelled_batch: int | None = None
 
     def key(self) -> str:
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        fields = asdict(self)
+        if fields["labelled_batch"] is None:  # the keys of the runs made before it existed
+            del fields["labelled_batch"]
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
         return f"{self.name}-{digest[:10]}"
 
 
@@ -167,7 +172,8 @@ def train_and_score(spec: Spec, settings: dict) -> dict:
     options = dict(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
                    lr_schedule=spec.lr_schedule, seed=spec.seed, device=settings["device"],
                    particles=spec.particles, val_particles=1,
-                   anneal_steps=spec.anneal_steps, **spec.objective_options)
+                   anneal_steps=spec.anneal_steps, labelled_batch=spec.labelled_batch,
+                   **spec.objective_options)
     started = time.perf_counter()
     if run_dir.exists() and (run_dir / "weights.pt").exists() and \
             (run_dir / "metrics.jsonl").exists() and _finished(run_dir, spec.epochs):
