@@ -159,6 +159,18 @@ def active_units(posterior_means: torch.Tensor) -> int:
     return int((posterior_means.var(dim=0, unbiased=True) > ACTIVE_UNIT_THRESHOLD).sum())
 
 
+def seed_generators(device: torch.device, seed: int) -> None:
+    """Seed the generators that draws on ``device`` use, and no other: the CPU's and, on CUDA,
+    that device's (what ``torch.manual_seed`` does for them, without reseeding every other
+    accelerator, which a forked random state restores only for the devices it names, and
+    without the cost of its lazy per-backend calls, paid after every epoch by the validation
+    pass)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
 def scored_batches(vae, x_all, labels, particles: int, batch_size: int, seed: int,
                    memory_budget: int | None = None, *, plan: MemoryPlan | None = None):
     """Score ``x_all`` batch by batch with K = ``particles`` guide particles per datapoint.
@@ -179,7 +191,7 @@ def scored_batches(vae, x_all, labels, particles: int, batch_size: int, seed: in
                 pyro.validation_enabled(False):
             if plan is None:
                 plan = memory_plan(vae, x_all, labels, particles, batch_size, memory_budget)
-            torch.manual_seed(seed)
+            seed_generators(device, seed)
             for start in range(0, x_all.shape[0], plan.batch):
                 x = x_all[start:start + plan.batch]
                 y = None if labels is None else labels[start:start + plan.batch]

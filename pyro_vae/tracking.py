@@ -97,16 +97,15 @@ def isolated_inference(vae, seed: int = IMAGE_SEED) -> Iterator[None]:
     """Run inference without touching training: a forked random-number state (CPU, and the
     VAE's CUDA device) seeded with ``seed``, Python's and NumPy's global states restored, no
     gradients, eval mode (every module's own mode restored afterwards)."""
+    from .evaluation import seed_generators
+
     device = device_of(vae)
     devices = [device] if device.type == "cuda" else []
     modes = [(module, module.training) for module in vae.modules()]
     try:
         with preserved_global_rng(), torch.random.fork_rng(devices=devices), torch.no_grad():
-            # the seeds of write_figures' torch.manual_seed(seed), on the forked generators only
-            torch.default_generator.manual_seed(seed)
-            for cuda_device in devices:
-                with torch.cuda.device(cuda_device):
-                    torch.cuda.manual_seed(seed)
+            # the generators write_figures seeds, forked
+            seed_generators(device, seed)
             vae.eval()
             yield
     finally:

@@ -45,7 +45,7 @@ from .checks import (as_dataset, check_compatible, check_free_space, dry_run, la
 from .config import TrainConfig
 from .data import Dataset, LazyRows
 from .errors import ConfigError, TrainingError, TrainingInterrupted
-from .evaluation import elbo_per_datapoint
+from .evaluation import elbo_per_datapoint, seed_generators
 from .log_weights import log_weights
 from .objectives import make_objective
 
@@ -671,8 +671,8 @@ def write_figures(vae, dataset: Dataset, history: list[dict], run_dir: Path, *,
     reconstruct and sample (:mod:`pyro_vae.lvm`), and ``loss.png``.
 
     The model's outputs (reconstructions, prior samples) are computed here, on the caller's
-    thread, under a random state forked and seeded with 0. Turning them into files (torchvision's
-    grids and PNG encoding, matplotlib's loss curves: seconds of imports and drawing) needs
+    thread, under a random state forked and seeded with 0. Turning them into files (the image grids'
+    PNG encoding, matplotlib's loss curves: about a second of imports and drawing) needs
     neither the model nor a random state: with ``background`` it runs in a thread, and the
     :class:`FigureWriter` returned joins it (``wait``); otherwise it runs here and ``None`` is
     returned."""
@@ -683,7 +683,7 @@ def write_figures(vae, dataset: Dataset, history: list[dict], run_dir: Path, *,
     shape = plots._data_shape(vae) if image else ()
     grids = []  # (images [n, D] on the CPU, file, images per row)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(0)
+        seed_generators(device, 0)
         if image and lvm.has(vae, "reconstruct"):
             rows = plots.reconstruction_rows(vae, dataset.val,
                                              labels=labels_for(vae, dataset, "val"))
