@@ -160,3 +160,13 @@ def test_the_command_line_trains_with_stratified_minibatches(tmp_path, capsys):
     assert code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
     assert not (tmp_path / "bad").exists()
+
+
+def test_torchrun_is_refused_in_one_line(partly_labelled):
+    from pyro_vae.config import TrainConfig
+    from pyro_vae.training import check_labelled_batch
+
+    config = TrainConfig(labelled_batch=8, batch_size=64).validate()
+    check_labelled_batch(_m2(partly_labelled), partly_labelled, config)  # one process: fine
+    with pytest.raises(ConfigError, match="not supported under torchrun"):
+        check_labelled_batch(_m2(partly_labelled), partly_labelled, config, distributed_run=True)
