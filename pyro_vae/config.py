@@ -30,6 +30,7 @@ import numbers
 import sys
 import tomllib
 from dataclasses import dataclass, field, fields, make_dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -237,28 +238,14 @@ def _choice(names: Callable[[], Iterable[str]]) -> Callable[[], list[str]]:
     return lambda: sorted(names())
 
 
-def _priors() -> list[str]:
-    return _catalogue("models.priors", "PRIORS", BUILTIN_PRIORS)
-
-
-def _likelihoods() -> list[str]:
-    return _catalogue("models.likelihoods", "LIKELIHOODS", BUILTIN_LIKELIHOODS)
-
-
-def _posteriors() -> list[str]:
-    return _catalogue("guides.posteriors", "POSTERIORS", BUILTIN_GUIDES)
-
-
-def _networks() -> list[str]:
-    return _catalogue("networks", "NETWORKS", BUILTIN_NETWORKS)
-
-
-def _activations() -> list[str]:
-    return _catalogue("networks", "ACTIVATIONS", BUILTIN_ACTIVATIONS)
-
-
-def _models() -> list[str]:
-    return _catalogue("lvm", "MODELS", BUILTIN_MODELS)
+# each catalogue's names, as the schema's choices ask for them
+_priors = partial(_catalogue, "models.priors", "PRIORS", BUILTIN_PRIORS)
+_likelihoods = partial(_catalogue, "models.likelihoods", "LIKELIHOODS", BUILTIN_LIKELIHOODS)
+_posteriors = partial(_catalogue, "guides.posteriors", "POSTERIORS", BUILTIN_GUIDES)
+_networks = partial(_catalogue, "networks", "NETWORKS", BUILTIN_NETWORKS)
+_activations = partial(_catalogue, "networks", "ACTIVATIONS", BUILTIN_ACTIVATIONS)
+_models = partial(_catalogue, "lvm", "MODELS", BUILTIN_MODELS)
+_objectives = partial(_catalogue, "objectives", "OBJECTIVES", BUILTIN_OBJECTIVES)
 
 
 #: The learning-rate schedules of ``lr_schedule``.
@@ -282,10 +269,6 @@ def scheduled_lr(lr: float, schedule: str, epoch: int) -> float:
         if epoch <= end:
             break
     return lr * 10 ** (-stage / 7)
-
-
-def _objectives() -> list[str]:
-    return _catalogue("objectives", "OBJECTIVES", BUILTIN_OBJECTIVES)
 
 
 @dataclass(frozen=True)

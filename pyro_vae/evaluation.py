@@ -566,8 +566,7 @@ def elbo_per_datapoint(vae, x_all, labels: torch.Tensor | None, particles: int =
                                           plan=plan):
         sum_w = torch.zeros(x.shape[0], device=device)
         for weights in chunks:
-            sum_w += (weights.expected_total() if weights.has_guide_enumeration
-                      else weights.total()).sum(0)
+            sum_w += weights.expected_total().sum(0)  # the ELBO's integrand
             del weights
         rows.append(sum_w / particles)
     return torch.cat(rows).cpu()

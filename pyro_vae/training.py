@@ -156,7 +156,8 @@ class Trainer:
         self.history = list(history or [])
         self.num_data = self.dataset.train.shape[0]
         self.steps_per_epoch = math.ceil(self.num_data / config.batch_size)
-        self.batch: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the last one
+        #: the last step's (x, y) parts: one, or the unlabelled and the labelled one
+        self._batches: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._loss_sum: torch.Tensor | None = None
         #: set by a callback (``trainer.stop_requested = True``) to end training cleanly after
         #: the current epoch, as if ``epochs`` had been reached (see ``EarlyStopping``)
@@ -182,6 +183,15 @@ class Trainer:
             self.state.order = self._placed(self.state.order)
         if not context.is_main:
             self.state.loss_sum = 0.0  # the checkpoint's sum is every rank's: counted on rank 0
+
+    @property
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The last step's minibatch ``(x, y)`` (its two parts joined, with stratified
+        minibatches), or ``None`` before the first step."""
+        batches = self._batches
+        if len(batches) <= 1:
+            return batches[0] if batches else None
+        return (torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
 
     def _labelled_stream(self, epoch: int) -> torch.Tensor:
         """The labelled rows of epoch ``epoch``'s stratified minibatches, ``labelled_batch`` per
@@ -337,8 +347,7 @@ class Trainer:
                         part = self.loss_module(x, y, num_data=count)
                     loss = part if loss is None else loss + part
                 validate_next = False
-                self.batch = batches[0] if len(batches) == 1 else (
-                    torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+                self._batches = batches
                 # Every log_every steps the loss is read back (the only host sync), before the
                 # optimizer step, so a divergence is caught with the parameters intact.
                 if (state.step + 1) % config.log_every == 0 or state.step == 0:
@@ -486,10 +495,10 @@ def _prepare(vae, data, objective: str, options: dict[str, Any]):
                              free_bits=config.free_bits, alpha=config.alpha,
                              groups=config.groups, elbo_weight=config.elbo_weight)
     context = distributed.context_from_environment(resolve_device(config.device))
-    if config.labelled_batch is not None:
-        check_labelled_batch(vae, dataset, config, context.distributed)
     vae.to(context.device)
     dry_run(vae, loss_fn, dataset)
+    if config.labelled_batch is not None:
+        check_labelled_batch(vae, dataset, config, context.distributed)
     return config, dataset, loss_fn, context
 
 
@@ -497,7 +506,9 @@ def check_labelled_batch(vae, dataset: Dataset, config: TrainConfig,
                          distributed_run: bool = False) -> None:
     """Refuse, in one line, a ``labelled_batch`` that stratified minibatches cannot serve: a
     model that is not semi-supervised, training labels that are not part hidden, a labelled
-    part not smaller than the batch or larger than the labelled rows, torchrun."""
+    part not smaller than the batch or larger than the labelled rows, torchrun, and a model
+    with terms outside plate ``"data"`` (each step scores its two parts apart, so such terms
+    would be counted twice)."""
     count = config.labelled_batch
     if not lvm.is_semi_supervised(vae):
         raise ConfigError("labelled_batch applies to a semi-supervised model (--semi-supervised, "
@@ -517,6 +528,16 @@ def check_labelled_batch(vae, dataset: Dataset, config: TrainConfig,
                           "datapoints")
     if distributed_run:
         raise ConfigError("labelled_batch is not supported under torchrun; drop it there")
+    rows = torch.nonzero(labels >= 0).flatten()[:2].to(labels.device)
+    device = lvm.device_of(vae)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        weights = log_weights(*lvm.programs(vae), dataset.train[rows].to(device),
+                              labels[rows].to(device))
+    if weights.global_terms is not None or weights.global_components:
+        raise ConfigError(f"labelled_batch scores a step's labelled and unlabelled rows apart, "
+                          f"and {type(vae).__name__} has sites outside plate \"data\" (global "
+                          "latents, factors or observations) that would be counted twice; drop "
+                          "labelled_batch for this model")
 
 
 def check_only(vae, data: Dataset | str | Path | torch.Tensor,
@@ -594,11 +615,11 @@ def _resume(run, epochs, device, progress, callbacks, data,
                              free_bits=config.free_bits, alpha=config.alpha,
                              groups=config.groups, elbo_weight=config.elbo_weight)
     context = distributed.context_from_environment(resolve_device(config.device))
-    if config.labelled_batch is not None:
-        check_labelled_batch(vae, dataset, config, context.distributed)
     torch_device = context.device
     vae.to(torch_device)
     dry_run(vae, loss_fn, dataset)
+    if config.labelled_batch is not None:
+        check_labelled_batch(vae, dataset, config, context.distributed)
     history = [row for row in run.history if row["epoch"] <= finished]
     full_config = {**run.config, "training": asdict(config)}
     run_dir = run.path if context.is_main else None  # rank 0 alone writes

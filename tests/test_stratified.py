@@ -170,3 +170,22 @@ def test_torchrun_is_refused_in_one_line(partly_labelled):
     check_labelled_batch(_m2(partly_labelled), partly_labelled, config)  # one process: fine
     with pytest.raises(ConfigError, match="not supported under torchrun"):
         check_labelled_batch(_m2(partly_labelled), partly_labelled, config, distributed_run=True)
+
+
+def test_a_model_with_terms_outside_the_data_plate_is_refused(partly_labelled, tmp_path):
+    """Each step scores its labelled and unlabelled parts in two calls: a global term (here a
+    weight penalty outside plate "data") would enter the loss twice, so it is refused."""
+    from lvm_models import HandM2
+
+    class PenalizedM2(HandM2):
+        def model(self, x, y=None, num_data=None):
+            super().model(x, y, num_data)
+            penalty = sum(p.pow(2).sum() for p in self.decoder.parameters())
+            pyro.factor("weight_decay", -1e-3 * penalty)
+
+    pyro.set_rng_seed(0)
+    with pytest.raises(ConfigError, match="outside plate \"data\".*counted twice") as error:
+        fit(PenalizedM2(x_dim=64, classes=10, z_dim=2, hidden=16), partly_labelled, "elbo",
+            epochs=1, batch_size=64, labelled_batch=8, progress=False, out=tmp_path / "run")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()
