@@ -176,8 +176,9 @@ def timed(command: list[str], side: str, out: Path | None, env: dict | None = No
         result = json.loads(done.stdout.strip().splitlines()[-1])
     else:
         result = json.loads((out / "evaluation.json").read_text())
+        metrics = out / "metrics.jsonl"  # absent where an ablation removes it
         result["epoch_time_s"] = [json.loads(line)["epoch_time_s"] for line in
-                                  (out / "metrics.jsonl").read_text().splitlines()]
+                                  (metrics.read_text().splitlines() if metrics.exists() else [])]
     return Run(side, wall, other, result)
 
 
@@ -189,6 +190,14 @@ ABLATIONS = {
     "checkpoint every epoch": "checkpoint_every = 0",
     "validation through evaluate": "the validation ELBO from evaluate (all its statistics)",
     "default Adam": "torch.optim.Adam's default implementation",
+}
+# What each remaining feature of the job costs: the job with that feature removed
+# (``--ablate --without``; these are measurements, not options of pyro-vae).
+REMOVALS = {
+    "without figures": "no reconstructions.png, samples.png, loss.png",
+    "without per-epoch files": "no metrics.jsonl row or weights.pt after each epoch",
+    "without validation": "no validation ELBO after each epoch",
+    "without progress bar": "--quiet",
 }
 
 
@@ -213,6 +222,16 @@ def child_ablate(name: str, argv: list[str]) -> int:
         import torch
 
         training.make_optimizer = lambda parameters, lr: torch.optim.Adam(list(parameters), lr=lr)
+    elif name == "without figures":
+        training.write_figures = lambda *a, **k: None
+    elif name == "without per-epoch files":
+        from pyro_vae import callbacks
+
+        callbacks.MetricsWriter.on_epoch_end = lambda self, trainer, row: None
+    elif name == "without validation":
+        training._validation_elbo = lambda *a, **k: (0.0, 0.0)
+    elif name == "without progress bar":
+        argv = [*argv, "--quiet"]
     elif name != "all changes":
         raise SystemExit(f"unknown ablation {name!r}")
     return cli.main(argv)
@@ -304,7 +323,8 @@ def summarise(job: Job, pairs: list[dict[str, Run]], noisy: float) -> dict:
         row["ll_agree"] = abs(a - b) <= 4 * (a_se ** 2 + b_se ** 2) ** 0.5
         row["plain_phases_s"] = pairs[-1]["plain"].result.get("phases_s")
     row["median_epoch_s"] = {side: statistics.median(pairs[-1][side].result["epoch_time_s"])
-                             for side in sides if side != "plain"}
+                             for side in sides
+                             if side != "plain" and pairs[-1][side].result["epoch_time_s"]}
     return row
 
 
@@ -327,9 +347,10 @@ def print_table(rows: list[dict]) -> None:
             print(f"\n| job | variant | median wall (s) | vs all changes (s) | median epoch (s) |"
                   f"\n|---|---|---:|---:|---:|")
             for side in sides:
-                print(f"| {r['job']} | {side} ({ABLATIONS[side]}) | {r['medians_s'][side]:.2f} | "
-                      f"{r['medians_s'][side] - reference:+.2f} | "
-                      f"{r['median_epoch_s'][side]:.4f} |")
+                epoch = r["median_epoch_s"].get(side)
+                print(f"| {r['job']} | {side} ({ {**ABLATIONS, **REMOVALS}[side]}) | "
+                      f"{r['medians_s'][side]:.2f} | {r['medians_s'][side] - reference:+.2f} | "
+                      + ("—" if epoch is None else f"{epoch:.4f}") + " |")
             print(f"\nrepeats: {r['pairs']} ({r['quiet_pairs']} quiet)")
         runs = "; ".join(", ".join(f"{side} {v['wall_s']:.2f} s"
                                    + (f" (others {v['other_cores']:.2f} cores)"
@@ -707,6 +728,9 @@ def main() -> None:
     parser.add_argument("--ablate", action="store_true",
                         help="instead of the plain script, time pyro-vae with each change of "
                              "the whole-job work reverted in turn (see ABLATIONS)")
+    parser.add_argument("--without", action="store_true",
+                        help="with --ablate: the job with each remaining feature removed "
+                             "instead of each change reverted")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--pieces", action="store_true",
                         help="per-epoch costs of validation, checkpoints, metrics and the Adam "
@@ -732,7 +756,7 @@ def main() -> None:
         jobs = make_jobs([j.strip() for j in args.jobs.split(",") if j.strip()], work, args)
         warm_caches()
         if args.ablate:
-            sides = list(ABLATIONS)
+            sides = ["all changes", *REMOVALS] if args.without else list(ABLATIONS)
         else:
             sides = ["pyro-vae", "plain", *(["before"] if args.baseline else [])]
         rows = []

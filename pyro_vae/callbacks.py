@@ -101,18 +101,17 @@ class DivergenceStop(Callback):
 
 
 class MetricsWriter(Callback):
-    """Appends each epoch's row to ``metrics.jsonl`` and rewrites ``weights.pt``: the row and
-    the weights are taken now, and written (atomically, fsync'ed) by the trainer's background
-    writer while training goes on; a callback added to the run sees them on disk in its own
-    ``on_epoch_end``."""
+    """Appends each epoch's row to ``metrics.jsonl``: the row is taken now and written
+    (atomically, fsync'ed) by the trainer's background writer while training goes on.
+    ``weights.pt`` is written with each checkpoint (:meth:`~pyro_vae.training.Trainer.
+    save_checkpoint`): the weights of the checkpoint's step, at the end the final ones. A
+    callback added to the run sees the epoch's row and weights on disk in its own
+    ``on_epoch_end`` (the trainer writes the weights then too)."""
 
     def on_epoch_end(self, trainer, row: dict[str, Any]) -> None:
         if trainer.run_dir is not None:
             run_dir, row = trainer.run_dir, dict(row)
-            weights = runs.serialized({k: v.detach().cpu()
-                                       for k, v in trainer.vae.state_dict().items()})
             trainer.write_later(lambda: runs.append_metrics(run_dir, row))
-            trainer.write_later(lambda: runs.write_bytes(run_dir / runs.WEIGHTS_FILE, weights))
 
 
 class Checkpointer(Callback):

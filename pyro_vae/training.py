@@ -153,6 +153,7 @@ class Trainer:
             None if checkpoint is None
             else (self.state.epoch, self.state.position, self.state.step))
         self._checkpoint_time = _clock()  # the interval counts from the start of training
+        self._weights_step: int | None = None  # the step of the weights last queued for weights.pt
         self.history = list(history or [])
         self.num_data = self.dataset.train.shape[0]
         self.steps_per_epoch = math.ceil(self.num_data / config.batch_size)
@@ -214,8 +215,10 @@ class Trainer:
         own, users = self._hooks[hook]
         for method in own:
             method(self, *args)
-        if users and hook == "on_epoch_end":
-            self.wait_for_files()  # a user's callback sees the epoch's files on disk
+        if users and hook == "on_epoch_end":  # a user's callback sees the epoch's files on disk
+            if self._weights_step != self.state.step:
+                self.save_weights()
+            self.wait_for_files()
         for method in users:
             method(self, *args)
 
@@ -229,6 +232,15 @@ class Trainer:
         """Return once every queued file is written; raises the error of a write that failed."""
         self._files.wait()
 
+    def save_weights(self) -> None:
+        """Queue ``weights.pt`` (the model's state now) on the background writer; with a
+        run directory only (rank 0, or the one process)."""
+        if self.run_dir is not None:
+            data = runs.serialized({k: v.detach().cpu() for k, v in self.vae.state_dict().items()})
+            path = self.run_dir / runs.WEIGHTS_FILE
+            self.write_later(lambda: runs.write_bytes(path, data))
+        self._weights_step = self.state.step
+
     def save_checkpoint(self, mid_epoch: bool = False) -> None:
         """Write ``checkpoint.pt`` (rank 0, or the one process). Every rank calls this at the
         same point, since under torchrun the ranks' random-number states are gathered for it.
@@ -236,6 +248,7 @@ class Trainer:
         if mid_epoch and self._loss_sum is not None:
             self.state.loss_sum = float(self.context.all_sum(self._loss_sum))
         rank_states = self.context.rng_states()
+        self.save_weights()  # weights.pt goes with each checkpoint, before it
         if self.run_dir is not None:
             # the state is serialized now; the writer thread writes and fsyncs it
             data = runs.serialized(state_dict(self.vae, self.optimizer, self.state,
@@ -416,10 +429,10 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor,
 
     Every epoch records the training loss per datapoint (the negative bound being optimized),
     the validation ELBO per datapoint and the wall-clock time; with ``out`` the run directory
-    receives ``config.json``, ``metrics.jsonl`` (one line per epoch), ``weights.pt`` (rewritten
-    every epoch), ``checkpoint.pt`` (after the first epoch, then once ``checkpoint_every``
-    seconds have passed since the last one, and at the end; see
-    :class:`~pyro_vae.callbacks.Checkpointer`) and, at the end, ``reconstructions.png``,
+    receives ``config.json``, ``metrics.jsonl`` (one line per epoch), ``checkpoint.pt`` (after
+    the first epoch, then once ``checkpoint_every`` seconds have passed since the last one,
+    and at the end; see :class:`~pyro_vae.callbacks.Checkpointer`), ``weights.pt`` (written
+    with each checkpoint: at the end, the final weights) and, at the end, ``reconstructions.png``,
     ``samples.png`` and ``loss.png``.
 
     All input is checked before the run directory is created.
@@ -693,7 +706,7 @@ def write_figures(vae, dataset: Dataset, history: list[dict], run_dir: Path, *,
 
     The model's outputs (reconstructions, prior samples) are computed here, on the caller's
     thread, under a random state forked and seeded with 0. Turning them into files (the image grids'
-    PNG encoding, matplotlib's loss curves: about a second of imports and drawing) needs
+    PNG encoding, the loss curves drawn with PIL: a few tenths of a second) needs
     neither the model nor a random state: with ``background`` it runs in a thread, and the
     :class:`FigureWriter` returned joins it (``wait``); otherwise it runs here and ``None`` is
     returned."""

@@ -146,6 +146,32 @@ def test_the_background_writer_runs_jobs_in_order_and_stops_at_the_first_failure
     assert done == [1, 2]
 
 
+@pytest.mark.parametrize("every, expected", [(30.0, 2), (0.0, 4)])
+def test_weights_are_written_with_each_checkpoint_and_hold_its_state(
+        digits, tmp_path, monkeypatch, every, expected):
+    """weights.pt goes with checkpoint.pt (after the first epoch, on the interval, at the end),
+    not after every epoch; metrics.jsonl gets every epoch's row."""
+    written = []
+    real = runs.atomic_write
+
+    def counting(path, write):
+        written.append(Path(path).name)
+        return real(path, write)
+
+    monkeypatch.setattr(runs, "atomic_write", counting)
+    pyro.set_rng_seed(0)
+    vae = VAE(digits.data_shape, **TINY)
+    fit(vae, digits, epochs=4, batch_size=500, out=tmp_path / "run", progress=False,
+        device="cpu", checkpoint_every=every)
+    assert written.count("checkpoint.pt") == written.count("weights.pt") == expected
+    assert written.count("metrics.jsonl") == 4
+    weights = torch.load(tmp_path / "run" / "weights.pt", weights_only=True)
+    checkpoint = runs.load_checkpoint(tmp_path / "run")["model"]
+    assert weights.keys() == checkpoint.keys()
+    assert all(torch.equal(weights[k], checkpoint[k]) for k in weights)
+    assert all(torch.equal(weights[k], v) for k, v in vae.state_dict().items())
+
+
 def test_a_callback_sees_each_epochs_files_on_disk_and_weights_keep_their_format(
         digits, tmp_path):
     from pyro_vae.callbacks import Callback
