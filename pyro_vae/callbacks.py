@@ -101,17 +101,28 @@ class DivergenceStop(Callback):
 
 
 class MetricsWriter(Callback):
-    """Appends each epoch's row to ``metrics.jsonl``: the row is taken now and written
-    (atomically, fsync'ed) by the trainer's background writer while training goes on.
+    """Adds each epoch's row to ``metrics.jsonl``. The file is kept encoded in memory (it holds
+    the run's history when training starts, a resumed run's included): each epoch the row is
+    encoded here and the whole file handed, as bytes, to the trainer's background writer, which
+    replaces it atomically (fsync'ed; a crash never tears a line). No JSON is read or written on
+    that thread: work it did under the GIL would hold up the training steps.
+
     ``weights.pt`` is written with each checkpoint (:meth:`~pyro_vae.training.Trainer.
     save_checkpoint`): the weights of the checkpoint's step, at the end the final ones. A
     callback added to the run sees the epoch's row and weights on disk in its own
     ``on_epoch_end`` (the trainer writes the weights then too)."""
 
+    def __init__(self):
+        self._lines: list[bytes] = []
+
+    def on_fit_start(self, trainer) -> None:
+        self._lines = [runs.metrics_line(row) for row in trainer.history]
+
     def on_epoch_end(self, trainer, row: dict[str, Any]) -> None:
+        self._lines.append(runs.metrics_line(row))
         if trainer.run_dir is not None:
-            run_dir, row = trainer.run_dir, dict(row)
-            trainer.write_later(lambda: runs.append_metrics(run_dir, row))
+            path, data = trainer.run_dir / runs.METRICS_FILE, b"".join(self._lines)
+            trainer.write_later(lambda: runs.write_bytes(path, data))
 
 
 class Checkpointer(Callback):

@@ -219,9 +219,14 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
     write_metrics(run_dir, [*read_metrics(run_dir), row])
 
 
+def metrics_line(row: dict[str, Any]) -> bytes:
+    """One row of ``metrics.jsonl`` as its file holds it."""
+    return (json.dumps(row) + "\n").encode()
+
+
 def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     """Replace ``metrics.jsonl`` (atomically) with ``rows``."""
-    text = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    text = b"".join(metrics_line(row) for row in rows)
     atomic_write(Path(run_dir) / METRICS_FILE, lambda s: s.write(text))
 
 
