@@ -45,7 +45,12 @@ by the Bernoulli cross-entropy convention (``--binarize`` for binary data).
     against 0, 1, 1). With M2's default MLP classifier (256-256), 100 epochs: 91.7 %, 92.2 %,
     90.0 %, against 87.2 %, 91.1 %, 91.1 % for that network trained supervised only. M2 gains
     over its own classifier trained on the labels alone; it only matches an L2-regularized
-    logistic regression, which is strong on these 8×8 digits.
+    logistic regression, which is strong on these 8×8 digits. On the 1,337 training digits
+    whose labels were hidden (linear classifier, 300 epochs, α = 50): M2 93.4 %, 92.5 %,
+    91.0 %, the same classifier on the labels alone 90.7 %, 89.5 %, 88.9 % (paired gains
+    2.7 ± 0.6, 3.1 ± 0.6, 2.1 ± 0.6 points), logistic regression 93.4 %, 89.8 %, 89.1 %.
+    With α = 1.44 (the paper's 0.1·N/N_ℓ) the gains over the same classifier are 1.1 ± 0.9,
+    1.0 ± 0.8, 0.4 ± 0.7 points.
 """
 
 from __future__ import annotations
