@@ -435,7 +435,9 @@ def fit(vae, data: Dataset | str | Path | torch.Tensor,
     with each checkpoint: at the end, the final weights) and, at the end, ``reconstructions.png``,
     ``samples.png`` and ``loss.png``.
 
-    All input is checked before the run directory is created.
+    All input is checked before the run directory is created. A program with sites outside
+    plate ``"data"`` (global latents, factors or observations) is refused then: the validation
+    ELBO per datapoint that every epoch records does not exist for it.
     """
     return _fit(vae, data, objective, out=out, progress=progress, callbacks=callbacks,
                 extra_config=extra_config, **options)
@@ -510,9 +512,34 @@ def _prepare(vae, data, objective: str, options: dict[str, Any]):
     context = distributed.context_from_environment(resolve_device(config.device))
     vae.to(context.device)
     dry_run(vae, loss_fn, dataset)
+    check_validation(vae, dataset)
     if config.labelled_batch is not None:
         check_labelled_batch(vae, dataset, config, context.distributed)
     return config, dataset, loss_fn, context
+
+
+def _has_global_terms(vae, dataset: Dataset, rows: torch.Tensor) -> bool:
+    """Whether the model's program has terms outside plate ``"data"`` (global latents, factors
+    or observations), scored on the training ``rows`` (a property of the program, not of the
+    rows)."""
+    device = lvm.device_of(vae)
+    labels = labels_for(vae, dataset, "train")
+    with torch.no_grad(), pyro.validation_enabled(False):
+        weights = log_weights(*lvm.programs(vae), dataset.train[rows].to(device),
+                              None if labels is None else labels[rows].to(device))
+    return weights.global_terms is not None or bool(weights.global_components)
+
+
+def check_validation(vae, dataset: Dataset) -> None:
+    """Refuse, in one line and before anything is written, a model whose validation ELBO per
+    datapoint (scored after every epoch) does not exist: a program with terms outside plate
+    ``"data"``. Without this the refusal would come only after the first epoch's training."""
+    rows = torch.arange(min(2, len(dataset.train)))
+    if len(rows) and _has_global_terms(vae, dataset, rows):
+        raise ConfigError(f"fit scores a validation ELBO per datapoint after every epoch, and "
+                          f"{type(vae).__name__} has sites outside plate \"data\" (global "
+                          "latents, factors or observations), which no per-datapoint number "
+                          "holds; train it with pyro.infer.SVI and its objectives instead")
 
 
 def check_labelled_batch(vae, dataset: Dataset, config: TrainConfig,
@@ -542,11 +569,7 @@ def check_labelled_batch(vae, dataset: Dataset, config: TrainConfig,
     if distributed_run:
         raise ConfigError("labelled_batch is not supported under torchrun; drop it there")
     rows = torch.nonzero(labels >= 0).flatten()[:2].to(labels.device)
-    device = lvm.device_of(vae)
-    with torch.no_grad(), pyro.validation_enabled(False):
-        weights = log_weights(*lvm.programs(vae), dataset.train[rows].to(device),
-                              labels[rows].to(device))
-    if weights.global_terms is not None or weights.global_components:
+    if _has_global_terms(vae, dataset, rows):
         raise ConfigError(f"labelled_batch scores a step's labelled and unlabelled rows apart, "
                           f"and {type(vae).__name__} has sites outside plate \"data\" (global "
                           "latents, factors or observations) that would be counted twice; drop "
@@ -631,6 +654,7 @@ def _resume(run, epochs, device, progress, callbacks, data,
     torch_device = context.device
     vae.to(torch_device)
     dry_run(vae, loss_fn, dataset)
+    check_validation(vae, dataset)
     if config.labelled_batch is not None:
         check_labelled_batch(vae, dataset, config, context.distributed)
     history = [row for row in run.history if row["epoch"] <= finished]

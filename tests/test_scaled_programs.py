@@ -75,3 +75,17 @@ def test_per_datapoint_tools_refuse_a_program_with_global_terms(digits):
         make_objective("iwae", 3).per_datapoint_bound(vae.model, vae.guide, x)
     # the training objective itself handles the global term
     assert torch.isfinite(make_objective("iwae", 3).differentiable_loss(vae.model, vae.guide, x))
+
+
+def test_fit_refuses_a_program_with_global_terms_before_training_or_writing(digits, tmp_path):
+    from pyro_vae import fit
+
+    vae = GlobalShiftVAE(digits.data_shape, 2, hidden=(8,))
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    with pytest.raises(ConfigError, match="^fit scores a validation ELBO per datapoint after "
+                                          "every epoch, and GlobalShiftVAE has sites outside "
+                                          "plate \"data\"") as info:
+        fit(vae, digits, epochs=1, out=tmp_path / "run", progress=False, device="cpu")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()
+    assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())  # no step taken

@@ -183,9 +183,18 @@ def test_a_model_with_terms_outside_the_data_plate_is_refused(partly_labelled, t
             penalty = sum(p.pow(2).sum() for p in self.decoder.parameters())
             pyro.factor("weight_decay", -1e-3 * penalty)
 
+    from pyro_vae.config import TrainConfig
+    from pyro_vae.training import check_labelled_batch
+
     pyro.set_rng_seed(0)
+    model = PenalizedM2(x_dim=64, classes=10, z_dim=2, hidden=16)
+    config = TrainConfig(labelled_batch=8, batch_size=64).validate()
     with pytest.raises(ConfigError, match="outside plate \"data\".*counted twice") as error:
-        fit(PenalizedM2(x_dim=64, classes=10, z_dim=2, hidden=16), partly_labelled, "elbo",
-            epochs=1, batch_size=64, labelled_batch=8, progress=False, out=tmp_path / "run")
+        check_labelled_batch(model, partly_labelled, config)
     assert "\n" not in str(error.value)
+    # fit refuses such a model in any case, before training (its validation ELBO per datapoint)
+    with pytest.raises(ConfigError, match="^fit scores a validation ELBO per datapoint"):
+        fit(model, partly_labelled, "elbo", epochs=1, batch_size=64, labelled_batch=8,
+            progress=False, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
     assert not (tmp_path / "run").exists()
