@@ -201,7 +201,7 @@ ABLATIONS = {
 # (``--ablate --without``; these are measurements, not options of pyro-vae).
 REMOVALS = {
     "without figures": "no reconstructions.png, samples.png, loss.png",
-    "without per-epoch files": "no metrics.jsonl row or weights.pt after each epoch",
+    "without per-epoch files": "no metrics.jsonl row after each epoch",
     "without validation": "no validation ELBO after each epoch",
     "without progress bar": "--quiet",
 }
@@ -247,11 +247,10 @@ def side_command(job: Job, side: str, out: Path, args) -> tuple[list[str], Path 
     """The command of one side, the run directory it writes (None: it prints JSON), its
     environment."""
     pyro = ["train", *job.pyro_args, "--out", str(out)]
-    if side == "plain":
-        return [sys.executable, str(PLAIN), "--data", str(job.npz), *job.plain_args], None, None
-    if side == "plain, quick exit":
-        return ([sys.executable, str(PLAIN), "--data", str(job.npz), *job.plain_args,
-                 "--quick-exit"], None, None)
+    if side in ("plain", "plain, quick exit"):
+        quick = ["--quick-exit"] if side == "plain, quick exit" else []
+        return ([sys.executable, str(PLAIN), "--data", str(job.npz), *job.plain_args, *quick],
+                None, None)
     if side == "pyro-vae":
         return [*_pyro_vae_command(), *pyro], out, None
     if side == "before":

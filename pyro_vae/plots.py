@@ -160,6 +160,11 @@ def _tick_label(value: float, ticks: list[float]) -> str:
     return f"{value:.{decimals}f}"
 
 
+def _plotted(point: tuple[float, float] | None) -> bool:
+    """Whether a curve's (epoch, value) is drawn: present and finite."""
+    return point is not None and math.isfinite(point[0]) and math.isfinite(point[1])
+
+
 def _font(size: int):
     from PIL import ImageFont
 
@@ -189,8 +194,7 @@ def loss_image(history: list[dict], width: int = 600, height: int = 350):
             epoch = row["epoch"]
             points.append((float(epoch), float(value)) if value is not None else None)
         series.append((name.replace("−", "-"), colour, points))  # PIL's font lacks U+2212
-    finite = [p for _, _, ps in series for p in ps
-              if p is not None and math.isfinite(p[0]) and math.isfinite(p[1])]
+    finite = [p for _, _, ps in series for p in ps if _plotted(p)]
     xs, ys = [p[0] for p in finite] or [0.0, 1.0], [p[1] for p in finite] or [0.0, 1.0]
 
     def limits(values: list[float]) -> tuple[float, float]:
@@ -227,7 +231,7 @@ def loss_image(history: list[dict], width: int = 600, height: int = 350):
     for name, colour, points in series:  # the curves, broken where a value is not finite
         run: list[tuple[float, float]] = []
         for p in [*points, None]:
-            if p is not None and math.isfinite(p[0]) and math.isfinite(p[1]):
+            if _plotted(p):
                 run.append((px(p[0]), py(p[1])))
                 continue
             if len(run) > 1:
@@ -258,8 +262,7 @@ def _legend(draw, series, font, scale: int, frame, px, py) -> None:
     box_w, box_h = pad * 3 + swatch + text_w, pad * 2 + row_h * len(series)
     corners = [(right - pad - box_w, top + pad), (left + pad, top + pad),
                (right - pad - box_w, bottom - pad - box_h), (left + pad, bottom - pad - box_h)]
-    points = [(px(p[0]), py(p[1])) for _, _, ps in series for p in ps
-              if p is not None and math.isfinite(p[0]) and math.isfinite(p[1])]
+    points = [(px(p[0]), py(p[1])) for _, _, ps in series for p in ps if _plotted(p)]
 
     def covered(corner) -> int:
         x, y = corner
