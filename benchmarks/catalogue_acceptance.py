@@ -60,6 +60,7 @@ import json
 import math
 import time
 import warnings
+from types import SimpleNamespace
 
 import pyro
 import torch
@@ -204,71 +205,117 @@ def supervised_only(model: SemiSupervisedVAE, x: torch.Tensor, y: torch.Tensor, 
     return classifier
 
 
-def m2(args, seed: int) -> dict:
+def m2_scores(args, seed: int, data_shape, x_train: torch.Tensor, labels: torch.Tensor,
+              x_test: torch.Tensor, y_test: torch.Tensor) -> dict:
+    """Train M2 on ``x_train`` with ``args.labels_per_class`` labels per class kept (chosen with
+    ``seed``), and the two labels-only baselines on those labelled digits; which test digits
+    and which hidden-label training digits each gets right, the timing and the model."""
     from sklearn.linear_model import LogisticRegression
 
-    data = load_data("digits", binarize_mode=args.binarize)
-    labels = data.split_labels("train")
     kept = keep_labels(labels, args.labels_per_class, seed)
     labelled = kept >= 0
-    x_test, y_test = data.test, data.split_labels("test")
     settings = {"objective": args.m2_objective, "particles": 1 if args.m2_objective == "elbo"
                 else args.particles, "epochs": args.m2_epochs, "lr": args.lr,
                 "batch_size": args.batch_size, "seed": seed, "trainer": "loop"}
     pyro.set_rng_seed(seed)
-    model = SemiSupervisedVAE(data.data_shape, num_classes=10, latent_dim=args.m2_latent,
+    model = SemiSupervisedVAE(data_shape, num_classes=10, latent_dim=args.m2_latent,
                               hidden=tuple(args.m2_hidden), alpha=args.alpha,
                               classifier_hidden=tuple(args.m2_classifier_hidden))
-    timing = train(model, data, kept, **settings)
-    m2_correct = model.classify(x_test).argmax(-1) == y_test
+    timing = train(model, SimpleNamespace(train=x_train), kept, **settings)
 
-    x_l, y_l = data.train[labelled], kept[labelled]
+    x_l, y_l = x_train[labelled], kept[labelled]
     logistic = LogisticRegression(max_iter=10000).fit(x_l.numpy(), y_l.numpy())
-    logistic_correct = torch.as_tensor(logistic.predict(x_test.numpy())) == y_test
     steps = args.m2_epochs * math.ceil(len(labels) / args.batch_size)
     network = supervised_only(model, x_l, y_l, steps, args.lr, seed)
-    with torch.no_grad():
-        network_correct = network(x_test).argmax(-1) == y_test
-    evaluation = evaluate(model, data, particles=args.m2_eval_particles, split="test", seed=0)
-    # the training digits whose labels were hidden (transductive accuracy: 1,337 digits)
-    x_u, y_u = data.train[~labelled], labels[~labelled]
-    with torch.no_grad():
-        unlabelled_correct = {
-            "m2": model.classify(x_u).argmax(-1) == y_u,
-            "logistic_regression": torch.as_tensor(logistic.predict(x_u.numpy())) == y_u,
-            "supervised_network": network(x_u).argmax(-1) == y_u}
+    x_u, y_u = x_train[~labelled], labels[~labelled]
 
-    def against(baseline: torch.Tensor) -> dict:
-        return {"only_m2_right": int((m2_correct & ~baseline).sum()),
-                "only_baseline_right": int((~m2_correct & baseline).sum())}
+    def correct(x, y) -> dict:
+        with torch.no_grad():
+            return {"m2": model.classify(x).argmax(-1) == y,
+                    "logistic_regression": torch.as_tensor(logistic.predict(x.numpy())) == y,
+                    "supervised_network": network(x).argmax(-1) == y}
 
-    def gain_on_unlabelled(baseline: str) -> dict:
-        gain = (unlabelled_correct["m2"].double() - unlabelled_correct[baseline].double())
-        return {"points": float(100 * gain.mean()),
-                "se_points": float(100 * gain.std() / math.sqrt(len(gain)))}
-
-    return {"experiment": "m2_10_labels_per_class", "data": "digits", "binarize": args.binarize,
+    return {"settings": settings, "timing": timing, "model": model,
             "labelled": int(labelled.sum()), "unlabelled": int((~labelled).sum()),
+            "test": correct(x_test, y_test), "hidden": correct(x_u, y_u)}
+
+
+def gain(correct: dict, baseline: str) -> dict:
+    """M2's accuracy minus ``baseline``'s, paired over the same digits, in points, with its
+    standard error; and the digits only one of the two gets right."""
+    m2_right, other = correct["m2"], correct[baseline]
+    difference = m2_right.double() - other.double()
+    mean = float(100 * difference.mean())
+    se = float(100 * difference.std() / math.sqrt(len(difference)))
+    return {"points": mean, "se_points": se, "z": mean / se if se > 0 else math.nan,
+            "only_m2_right": int((m2_right & ~other).sum()),
+            "only_baseline_right": int((~m2_right & other).sum())}
+
+
+def m2(args, seed: int) -> dict:
+    data = load_data("digits", binarize_mode=args.binarize)
+    x_test, y_test = data.test, data.split_labels("test")
+    scores = m2_scores(args, seed, data.data_shape, data.train, data.split_labels("train"),
+                       x_test, y_test)
+    test, hidden = scores["test"], scores["hidden"]
+    evaluation = evaluate(scores["model"], data, particles=args.m2_eval_particles,
+                          split="test", seed=0)
+    return {"experiment": "m2_10_labels_per_class", "data": "digits", "binarize": args.binarize,
+            "labelled": scores["labelled"], "unlabelled": scores["unlabelled"],
             "latent_dim": args.m2_latent, "hidden": list(args.m2_hidden),
             "classifier_hidden": list(args.m2_classifier_hidden), "alpha": args.alpha,
-            **settings, **timing, "num_test": len(y_test),
-            "m2_accuracy": float(m2_correct.double().mean()),
-            "logistic_regression_accuracy": float(logistic_correct.double().mean()),
-            "supervised_network_accuracy": float(network_correct.double().mean()),
-            "vs_logistic_regression": against(logistic_correct),
-            "vs_supervised_network": against(network_correct),
-            "num_unlabelled": int(len(y_u)),
-            **{f"unlabelled_{k}_accuracy": float(v.double().mean())
-               for k, v in unlabelled_correct.items()},
-            "unlabelled_gain_vs_logistic_regression": gain_on_unlabelled("logistic_regression"),
-            "unlabelled_gain_vs_supervised_network": gain_on_unlabelled("supervised_network"),
+            **scores["settings"], **scores["timing"], "num_test": len(y_test),
+            **{f"{k}_accuracy": float(v.double().mean()) for k, v in test.items()},
+            "gain_vs_logistic_regression": gain(test, "logistic_regression"),
+            "gain_vs_supervised_network": gain(test, "supervised_network"),
+            "num_unlabelled": scores["unlabelled"],
+            **{f"unlabelled_{k}_accuracy": float(v.double().mean()) for k, v in hidden.items()},
+            "unlabelled_gain_vs_logistic_regression": gain(hidden, "logistic_regression"),
+            "unlabelled_gain_vs_supervised_network": gain(hidden, "supervised_network"),
             "test_log_likelihood": evaluation.summary["log_likelihood"],
             "test_log_likelihood_particles": args.m2_eval_particles}
 
 
+def m2_cross_validated(args, seed: int) -> dict:
+    """(c) The same comparison with every one of the 1,797 digits a test digit once: the digits
+    shuffled with ``seed`` and cut into ``args.folds`` folds; for each fold, M2 and the
+    baselines are trained on the other folds (10 labels per class kept, the rest hidden) and
+    scored on that fold. Five folds give 1,437 or 1,438 training digits, as the fixed split."""
+    data = load_data("digits", binarize_mode=args.binarize)
+    x_all, y_all = data.split("all"), data.split_labels("all")
+    order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(seed))
+    folds = order.tensor_split(args.folds)
+    test = {k: torch.zeros(len(y_all), dtype=torch.bool)
+            for k in ("m2", "logistic_regression", "supervised_network")}
+    per_fold = []
+    for number, held_out in enumerate(folds):
+        inside = torch.ones(len(y_all), dtype=torch.bool)
+        inside[held_out] = False
+        scores = m2_scores(args, seed, data.data_shape, x_all[inside], y_all[inside],
+                           x_all[held_out], y_all[held_out])
+        for k, right in scores["test"].items():
+            test[k][held_out] = right
+        per_fold.append({"fold": number, "num_train": int(inside.sum()),
+                         "num_test": len(held_out), **scores["timing"],
+                         **{f"{k}_accuracy": float(v.double().mean())
+                            for k, v in scores["test"].items()}})
+    return {"experiment": "m2_10_labels_per_class_cross_validated", "data": "digits",
+            "binarize": args.binarize, "folds": args.folds, "seed": seed,
+            "labels_per_class": args.labels_per_class, "latent_dim": args.m2_latent,
+            "hidden": list(args.m2_hidden),
+            "classifier_hidden": list(args.m2_classifier_hidden), "alpha": args.alpha,
+            "objective": args.m2_objective, "epochs": args.m2_epochs, "lr": args.lr,
+            "batch_size": args.batch_size, "num_test": len(y_all),
+            **{f"{k}_accuracy": float(v.double().mean()) for k, v in test.items()},
+            "gain_vs_logistic_regression": gain(test, "logistic_regression"),
+            "gain_vs_supervised_network": gain(test, "supervised_network"),
+            "per_fold": per_fold}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("hierarchical", "m2", "all"), default="all")
+    parser.add_argument("--part", choices=("hierarchical", "m2", "m2-cv", "all"),
+                        default="all", help="all: hierarchical and m2 (m2-cv only when named)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--trainer", choices=("loop", "fit"), default="loop")
@@ -295,6 +342,8 @@ def main() -> None:
                         help="hidden widths of M2's classifier (none: linear)")
     parser.add_argument("--alpha", type=float, default=50.0)
     parser.add_argument("--m2-eval-particles", type=int, default=100)
+    # (c)
+    parser.add_argument("--folds", type=int, default=5)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -303,6 +352,8 @@ def main() -> None:
             print(json.dumps(hierarchical(args, seed)), flush=True)
         if args.part in ("m2", "all"):
             print(json.dumps(m2(args, seed)), flush=True)
+        if args.part == "m2-cv":
+            print(json.dumps(m2_cross_validated(args, seed)), flush=True)
 
 
 if __name__ == "__main__":
