@@ -157,7 +157,8 @@ def paired(a: torch.Tensor, b: torch.Tensor) -> dict:
     n = difference.numel()
     mean = float(difference.mean())
     se = float(difference.std(unbiased=True)) / math.sqrt(n)
-    return {"paired_mean": mean, "paired_se": se, "paired_z": mean / se, "n": n}
+    return {"paired_mean": mean, "paired_se": se, "paired_z": mean / se if se > 0 else math.nan,
+            "n": n}
 
 
 # -- (a) hierarchical against one layer -----------------------------------------------------------
@@ -257,10 +258,9 @@ def gain(correct: dict, baseline: str) -> dict:
     """M2's accuracy minus ``baseline``'s, paired over the same digits, in points, with its
     standard error; and the digits only one of the two gets right."""
     m2_right, other = correct["m2"], correct[baseline]
-    difference = m2_right.double() - other.double()
-    mean = float(100 * difference.mean())
-    se = float(100 * difference.std() / math.sqrt(len(difference)))
-    return {"points": mean, "se_points": se, "z": mean / se if se > 0 else math.nan,
+    difference = paired(100 * m2_right.double(), 100 * other.double())
+    mean, se = difference["paired_mean"], difference["paired_se"]
+    return {"points": mean, "se_points": se, "z": difference["paired_z"],
             "only_m2_right": int((m2_right & ~other).sum()),
             "only_baseline_right": int((~m2_right & other).sum())}
 
